@@ -1,0 +1,145 @@
+"""
+Command-line configuration for the scripts, nanoGPT style:
+
+$ python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+A script declares its defaults as module-level globals and then calls
+    config = configure(globals(), sys.argv[1:])
+Arguments without '--' are config files (plain Python, run in order), and
+'--key=value' arguments override single keys. Unlike nanoGPT's exec-based
+version, every key and value is checked against the defaults, so a typo fails
+loudly instead of silently training with the default.
+"""
+
+import ast
+import difflib
+import os
+import types
+
+_SCALARS = (bool, int, float, str)
+
+def _is_configurable(name, value):
+    if name.startswith('_'):
+        return False
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
+def _type_name(default):
+    if isinstance(default, (tuple, list)):
+        of = f" of {type(default[0]).__name__}" if default else ""
+        return f"{type(default).__name__}{of} (e.g. 1,2,3 or [1,2,3])"
+    if isinstance(default, bool):
+        return "bool (True or False)"
+    return type(default).__name__
+
+def _parse(text):
+    # not every value is a Python literal: --device=cpu should not need quotes
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+def _check(key, value, default, raw=None):
+    """Return value converted to the type of default, or raise ValueError.
+    raw is the command-line text; it allows conveniences (bare strings, true/1,
+    comma-separated lists) that would be too loose in a Python config file."""
+    def bad(hint=""):
+        given = raw if raw is not None else repr(value)
+        return ValueError(f"config key '{key}' expects {_type_name(default)}, got {given}{hint}")
+
+    if isinstance(default, (tuple, list)):
+        if raw is not None and isinstance(value, str):
+            items = [(_parse(s.strip()), s.strip()) for s in value.split(',') if s.strip()]
+        elif isinstance(value, (tuple, list)):
+            items = [(v, None) for v in value]
+        elif raw is not None:
+            items = [(value, raw)]  # a single element: --widths=64
+        else:
+            raise bad()
+        if not default:  # no element to take a type from
+            return type(default)(v for v, _ in items)
+        try:
+            return type(default)(_check(key, v, default[0], r) for v, r in items)
+        except ValueError:
+            raise bad() from None
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if raw is not None and raw.strip().lower() in ('true', 'false', '1', '0'):
+            return raw.strip().lower() in ('true', '1')
+        raise bad()
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            raise bad(f" (a float; write {int(value)} for an int)")
+        raise bad()
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad()
+    # a str key takes the text as typed, even when it happens to look like a number
+    if isinstance(value, str):
+        return value
+    if raw is not None:
+        return raw
+    raise bad()
+
+def _unknown(key, keys, where):
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f"did you mean {' or '.join(close)}?" if close else "run with --help to list the valid keys"
+    return ValueError(f"unknown config key '{key}' {where}; {hint}")
+
+def _print_help(config, keys):
+    print("usage: python <script>.py [config/<file>.py ...] [--key=value ...]")
+    print("configurable keys, with their defaults:")
+    for k in keys:
+        print(f"  --{k}={config[k]!r}  # {_type_name(config[k])}")
+
+def _run_config_file(path, config, keys, verbose):
+    if not os.path.isfile(path):
+        hint = f"; did you mean --{path}?" if '=' in path else ""
+        raise FileNotFoundError(
+            f"config file '{path}' not found: config files live under config/ "
+            f"(e.g. config/<name>.py) and overrides are written --key=value{hint}")
+    if verbose:
+        print(f"Overriding config with {path}")
+    with open(path) as f:
+        code = compile(f.read(), path, 'exec')
+    namespace = {'__file__': path, '__name__': '__config__'}
+    exec(code, namespace)
+    for k, v in namespace.items():
+        # config files may import and define helpers to compute their values
+        if k.startswith('_') or isinstance(v, types.ModuleType) or callable(v):
+            continue
+        if k not in keys:
+            raise _unknown(k, keys, f"in {path}")
+        try:
+            config[k] = _check(k, v, config[k])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if verbose:
+            print(f"Overriding: {k} = {config[k]!r}")
+
+def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
+    """Apply config files and --key=value overrides from argv to config (a
+    script's globals()) in place; return a dict of the configurable keys."""
+    keys = [k for k, v in config.items() if _is_configurable(k, v)]
+    if '-h' in argv or '--help' in argv:
+        _print_help(config, keys)
+        raise SystemExit(0)
+    for arg in argv:
+        if not arg.startswith('-'):
+            _run_config_file(arg, config, keys, verbose)
+            continue
+        if not arg.startswith('--') or '=' not in arg:
+            example = f"{arg}=True" if arg[2:] in keys and isinstance(config[arg[2:]], bool) else "--key=value"
+            raise ValueError(f"can't parse argument '{arg}': overrides are written {example}")
+        key, raw = arg[2:].split('=', 1)
+        if key not in keys:
+            raise _unknown(key, keys, f"(from {arg})")
+        config[key] = _check(key, _parse(raw), config[key], raw)
+        if verbose:
+            print(f"Overriding: {key} = {config[key]!r}")
+    return {k: config[k] for k in keys}

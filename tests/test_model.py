@@ -1,0 +1,213 @@
+"""model.py: API, attention backends, and MUP.md invariants 1 (base-width equality),
+2 (the output multiplier in every logits path) and 5 (init scaling)."""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, MuPFlexAttention
+
+TINY = dict(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=True)
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TINY, **kw}))
+
+
+def tokens(B=3, T=32, seed=1):
+    return torch.randint(0, TINY['vocab_size'], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- API and shapes
+
+def test_forward_shapes_and_nanogpt_semantics():
+    model = make()
+    idx = tokens()
+    logits, loss = model(idx, tokens(seed=2))
+    assert logits.shape == (3, 32, 65) and loss.ndim == 0
+    assert abs(loss.item() - math.log(65)) < 0.05 # near-uniform predictions at init
+    last, no_loss = model(idx)
+    assert last.shape == (3, 1, 65) and no_loss is None
+    torch.testing.assert_close(last[:, 0], logits[:, -1], rtol=0, atol=1e-6)
+
+
+def test_generate_appends_tokens_and_crops_context():
+    model = make().eval()
+    out = model.generate(tokens(B=2, T=30), max_new_tokens=10, top_k=5)
+    assert out.shape == (2, 40) and out.max() < 65
+
+
+def test_crop_block_size():
+    model = make()
+    model.crop_block_size(16)
+    assert model.config.block_size == 16 and model.transformer.wpe.weight.shape[0] == 16
+    logits, _ = model(tokens(T=16), tokens(T=16))
+    assert logits.shape == (3, 16, 65)
+
+
+def test_optimizer_groups_carry_lr_scale():
+    model = make(n_embd=128, mup_base_width=32)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    by_name = {g['name']: g for g in opt.param_groups}
+    assert set(by_name) == {'hidden', 'embedding', 'vector'}
+    assert by_name['hidden']['lr_scale'] == 0.25 and by_name['hidden']['lr'] == pytest.approx(2.5e-4)
+    assert by_name['hidden']['weight_decay'] == pytest.approx(0.4) # wd * m (mup_scale_weight_decay)
+    assert by_name['embedding']['lr_scale'] == 1.0 and by_name['embedding']['weight_decay'] == 0.1
+    assert by_name['vector']['weight_decay'] == 0.0
+    hidden = {id(p) for p in by_name['hidden']['params']}
+    for name, p in model.named_parameters():
+        is_hidden = name.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight'))
+        assert (id(p) in hidden) == is_hidden, name
+    unscaled = make(n_embd=128, mup_base_width=32, mup_scale_weight_decay=False)
+    groups = unscaled.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
+    assert {g['name']: g['weight_decay'] for g in groups}['hidden'] == 0.1
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(n_embd=60, n_head=8), 'n_embd=60 is not divisible by n_head=8'),
+    (dict(n_layer=0), 'n_layer=0 must be positive'),
+    (dict(mup_base_width=30), 'mup_base_width=30 is not divisible by n_head=4'),
+    (dict(mup_base_width=64, mup_base_head_dim=24), 'mup_base_head_dim=24'),
+    (dict(mup_base_head_dim=16), 'set mup_base_width too'),
+    (dict(attn_backend='fast'), "attn_backend='fast'"),
+    (dict(attn_mod='window:4'), "unknown mod 'window'"),
+    (dict(attn_mod='sliding_window'), 'needs a positive number'),
+    (dict(attn_mod='alibi:3'), 'takes no argument'),
+])
+def test_impossible_configs_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field.replace('(', r'\(').replace(')', r'\)')):
+        GPTConfig(**{**TINY, **kw})
+
+
+# ---- attention backends: one set of mods, three implementations
+
+def qkv(B=2, H=4, T=24, D=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def attention(backend, **kw):
+    return MuPFlexAttention(GPTConfig(**{**TINY, 'attn_backend': backend, **kw}))
+
+
+def test_backends_agree_on_outputs():
+    q, k, v = (t.detach() for t in qkv()) # flex on CPU is forward-only
+    outs = {b: attention(b).attend(q, k, v) for b in ('sdpa', 'dense', 'flex')}
+    torch.testing.assert_close(outs['dense'], outs['sdpa'], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs['flex'], outs['sdpa'], rtol=0, atol=1e-5)
+
+
+def test_dense_and_sdpa_agree_on_qkv_gradients():
+    grads = {}
+    for backend in ('sdpa', 'dense'):
+        q, k, v = qkv()
+        (attention(backend).attend(q, k, v) * torch.linspace(-1, 1, 16)).sum().backward()
+        grads[backend] = (q.grad, k.grad, v.grad)
+    for g_sdpa, g_dense in zip(grads['sdpa'], grads['dense']):
+        torch.testing.assert_close(g_dense, g_sdpa, rtol=0, atol=1e-5)
+
+
+def test_dense_backend_gradcheck_float64():
+    attn = attention('dense', attn_mod='soft_cap:2').double()
+    q, k, v = qkv(B=1, H=4, T=6, D=4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(attn.attend, (q, k, v))
+
+
+def test_auto_backend_choice():
+    plain, windowed = attention('auto'), attention('auto', attn_mod='sliding_window:4')
+    assert plain.resolve_backend(torch.device('cpu')) == 'sdpa'
+    assert windowed.resolve_backend(torch.device('cpu')) == 'dense' # flex has no CPU backward
+    assert windowed.resolve_backend(torch.device('cuda')) == 'flex'
+    with pytest.raises(ValueError, match="only runs plain causal"):
+        attention('sdpa', attn_mod='alibi').resolve_backend(torch.device('cpu'))
+
+
+def test_whole_model_agrees_across_backends():
+    idx = tokens()
+    logits = {}
+    for backend in ('sdpa', 'dense', 'flex'):
+        with torch.no_grad():
+            logits[backend] = make(attn_backend=backend).eval()(idx, idx)[0]
+    torch.testing.assert_close(logits['dense'], logits['sdpa'], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits['flex'], logits['sdpa'], rtol=0, atol=1e-5)
+
+
+# ---- MUP.md invariant 1: muP at its base width is SP, exactly
+
+@pytest.mark.parametrize("layout", [dict(), dict(mup_base_head_dim=16)])
+def test_mup_equals_sp_at_base_width(layout):
+    sp = make(seed=3)
+    mup = make(seed=3, mup_base_width=64, **layout)
+    for (n1, p1), (n2, p2) in zip(sp.named_parameters(), mup.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    idx = tokens()
+    (l_sp, loss_sp), (l_mup, loss_mup) = sp(idx, idx), mup(idx, idx)
+    assert torch.equal(l_sp, l_mup) and torch.equal(loss_sp, loss_mup)
+
+    def groups(model):
+        opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), 'cpu')
+        names = {id(p): n for n, p in model.named_parameters()}
+        return opt, {names[id(p)]: (g['lr'], g['weight_decay'], g['lr_scale'])
+                     for g in opt.param_groups for p in g['params']}
+    (opt_sp, g_sp), (opt_mup, g_mup) = groups(sp), groups(mup)
+    assert g_sp == g_mup
+    for _ in range(3): # and they stay equal through training
+        for model, opt in ((sp, opt_sp), (mup, opt_mup)):
+            opt.zero_grad()
+            model(idx, idx)[1].backward()
+            opt.step()
+    for p1, p2 in zip(sp.parameters(), mup.parameters()):
+        assert torch.equal(p1, p2)
+
+
+# ---- MUP.md invariant 2: the readout multiplier in every logits path
+
+def test_output_multiplier_in_forward_with_and_without_targets():
+    model = make(n_embd=256, mup_base_width=64, mup_output_mult=3.0).eval()
+    hidden = {}
+    model.transformer.ln_f.register_forward_hook(lambda m, i, o: hidden.__setitem__('x', o))
+    idx = tokens()
+    logits, _ = model(idx, idx)
+    expected = model.lm_head(hidden['x']) * 3.0 / 4.0 # output_mult / m, m = 256 / 64
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    last, _ = model(idx)
+    torch.testing.assert_close(last, expected[:, [-1]], rtol=0, atol=1e-6)
+
+
+def test_generate_uses_the_output_multiplier():
+    # A huge output multiplier makes the sampling distribution one-hot, so sampling must equal
+    # greedy decoding; a generate() that skipped the multiplier would sample from the
+    # near-uniform init distribution instead.
+    model = make(n_embd=128, mup_base_width=64, mup_output_mult=1e4).eval()
+    idx = tokens(B=2, T=8)
+    torch.manual_seed(0)
+    sampled = model.generate(idx, max_new_tokens=12)
+    greedy = idx
+    with torch.no_grad():
+        for _ in range(12):
+            greedy = torch.cat([greedy, model(greedy)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(sampled, greedy)
+
+
+# ---- MUP.md invariant 5: init scaling
+
+def test_init_std_scales_as_mup_says():
+    L, sigma = TINY['n_layer'], 0.02
+    for width in (64, 128, 256, 512):
+        model = make(n_embd=width, n_head=4, mup_base_width=64)
+        m = width / 64
+        for name, p in model.named_parameters():
+            std = p.std().item()
+            if name.endswith(('c_attn.weight', 'c_fc.weight')):
+                assert std * math.sqrt(m) == pytest.approx(sigma, rel=0.05), name
+            elif name.endswith('c_proj.weight'):
+                assert std * math.sqrt(m) == pytest.approx(sigma / math.sqrt(2 * L), rel=0.05), name
+            elif name.endswith(('wte.weight', 'wpe.weight')):
+                assert std == pytest.approx(sigma, rel=0.05), name # constant in width
+
+
+def test_untied_readout_starts_at_zero():
+    model = make(tie_weights=False, n_embd=128, mup_base_width=64)
+    assert model.lm_head.weight.abs().max() == 0
+    assert model.mup_param_info['lm_head.weight'][0] == 'embedding'
