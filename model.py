@@ -80,6 +80,15 @@ def alibi(slopes):
         return score - slopes[h] * (q_idx - kv_idx)
     return alibi_bias
 
+class ModuleALiBi:
+    """ALiBi with the slopes an attention module holds, looked up at every call. A closure over
+    the tensor would go stale: .to()/.double() replace a buffer, and a deep-copied model's mod
+    would keep the original's slopes (and train those, not its own learned ones)."""
+    def __init__(self, attn):
+        self.attn = attn
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return alibi(self.attn.alibi_slopes)(score, b, h, q_idx, kv_idx)
+
 def soft_cap(cap):
     """Gemma-2 style tanh soft-capping of the attention logits at +-cap."""
     def soft_cap_score(score, b, h, q_idx, kv_idx):
@@ -93,8 +102,8 @@ ATTN_MODS = {
     'causal':         (lambda attn, arg: (causal, None), None),
     'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), 'window length, e.g. sliding_window:128'),
     'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), 'prefix length, e.g. prefix_lm:32'),
-    'alibi':          (lambda attn, arg: (causal, alibi(attn.alibi_slopes)), None),
-    'alibi_learned':  (lambda attn, arg: (causal, alibi(attn.alibi_slopes)), None),
+    'alibi':          (lambda attn, arg: (causal, ModuleALiBi(attn)), None),
+    'alibi_learned':  (lambda attn, arg: (causal, ModuleALiBi(attn)), None),
     'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), 'cap, e.g. soft_cap:20'),
 }
 
@@ -240,7 +249,8 @@ class MuPFlexAttention(nn.Module):
         self._mask_fn, self._score_fn = ATTN_MODS[name][0](self, arg)
         self.block_mask_cache = {} # GPT replaces this with one dict shared by all layers
         self.capture = False       # analyze_jacobian.py: keep the attention probabilities (dense backend)
-        self.captured_probs = None
+        self.captured_probs = None # (B, n_head, T, T), with .grad = dL/dA after backward
+        self.captured_mask = None  # the boolean mask those probabilities were computed under
 
     # ---- the two overridable mods
     def score_mod(self, score, b, h, q_idx, kv_idx):
@@ -263,28 +273,38 @@ class MuPFlexAttention(nn.Module):
 
     def resolve_backend(self, device):
         """'auto': SDPA (fused kernels) when the pattern is plain causal; flex on CUDA; the dense
-        reference otherwise (flex has no backward on CPU, and its CPU forward compiles per shape)."""
+        reference otherwise (flex has no backward on CPU, and its CPU forward compiles per shape).
+        Capture mode always runs the dense backend, the only one that materializes the probabilities."""
+        if self.capture:
+            return 'dense'
         if self.backend != 'auto':
             if self.backend == 'sdpa' and not self.is_plain_causal:
                 raise ValueError("attn_backend='sdpa' only runs plain causal attention; this module has "
                                  "a custom score_mod/mask_mod: use 'auto', 'flex' or 'dense'")
             return self.backend
-        if self.capture:
-            return 'dense'
         if self.is_plain_causal:
             return 'sdpa'
         return 'flex' if device.type == 'cuda' else 'dense'
 
     # ---- backends
+    def _make_room_in_mask_cache(self):
+        """Keep the masks of the 4 most recent shapes only: generate grows T by one each token,
+        and keeping every (B, H, T, T) dense mask would cost O(block_size^3) memory (4.3 GB at
+        block_size 1024, 12 heads). Training and eval reuse one shape, so they still build once."""
+        while len(self.block_mask_cache) >= 4:
+            del self.block_mask_cache[next(iter(self.block_mask_cache))]
+
     def _block_mask(self, B, T, device):
         key = (B, T, str(device))
         if key not in self.block_mask_cache:
+            self._make_room_in_mask_cache()
             self.block_mask_cache[key] = create_block_mask(lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx), B, self.n_head, T, T, device=device)
         return self.block_mask_cache[key]
 
     def _dense_mask(self, B, T, device):
         key = ('dense', B, T, str(device))
         if key not in self.block_mask_cache:
+            self._make_room_in_mask_cache()
             idx = [torch.arange(n, device=device) for n in (B, self.n_head, T, T)]
             self.block_mask_cache[key] = _vmap_bhqkv(self.mask_mod, prefix=0)(*idx)
         return self.block_mask_cache[key]
@@ -304,7 +324,7 @@ class MuPFlexAttention(nn.Module):
         probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0) # fully masked rows give 0, as flex and SDPA
         if self.capture:
             probs.retain_grad()
-            self.captured_probs = probs
+            self.captured_probs, self.captured_mask = probs, mask
         return self.attn_dropout(probs) @ v
 
     def attend(self, q, k, v):
