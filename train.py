@@ -5,12 +5,18 @@ $ python train.py config/train_shakespeare_char.py --device=cpu --compile=False 
 $ torchrun --standalone --nproc_per_node=4 train.py config/shakespeare_mup.py
 Across nodes (run on each; master's IP in --master_addr):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py ...
+Ctrl-C or SIGTERM finishes the step, saves out_dir/ckpt.pt and exits; `--init_from=resume` with the
+same config continues exactly where it stopped (or from the last checkpoint after a crash).
 """
 
 import math
 import os
 import pickle
+import random
+import re
+import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -31,7 +37,9 @@ log_interval = 10
 eval_iters = 200
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
-init_from = 'scratch' # 'scratch' or 'resume'
+keep_last_n = 0 # > 0: also keep the last n checkpoints as ckpt_<iter>.pt (ckpt.pt is always the latest)
+init_from = 'scratch' # 'scratch' or 'resume' (from out_dir/ckpt.pt, with the same model settings)
+skip_nonfinite = False # a non-finite loss or gradient: False stops the run, True skips that step
 # wandb logging
 wandb_log = False
 wandb_project = 'mupgpt'
@@ -102,7 +110,12 @@ local_accum_steps = gradient_accumulation_steps // ddp_world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    os.makedirs(out_dir, exist_ok=True)
+    try: # fail now, not at the first checkpoint after a long stretch of training
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise OSError(f"out_dir={out_dir!r} is not a writable directory ({e}); checkpoints are saved "
+                      f"there: pass --out_dir=<a directory you can write>") from None
 torch.manual_seed(seed + ddp_rank) # dropout differs per process; batches come from data_rng below
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
@@ -159,30 +172,54 @@ model_args = {k: config[k] for k in model_field_names if k in config}
 model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
 iter_num = 0
 best_val_loss = 1e9
+skipped_steps = 0 # non-finite steps skipped (skip_nonfinite=True), over the whole run
 checkpoint = None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+
+def load_checkpoint(path):
+    """torch.load with an error that says what is wrong with the file, not where pickle choked."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from='resume' but {path} does not exist: train with "
+                                f"init_from='scratch' first, or point --out_dir at the run to resume")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise RuntimeError(f"{path} is truncated or corrupt, it cannot be loaded ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}). Resume from an intact copy, e.g. a numbered "
+                           f"ckpt_<iter>.pt kept by keep_last_n, copied to ckpt.pt") from None
+    required = ['model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'skipped_steps',
+                'data_rng_state', 'rng_states']
+    missing = [k for k in required if k not in checkpoint] if isinstance(checkpoint, dict) else required
+    if missing:
+        raise RuntimeError(f"{path} is not a checkpoint of this train.py (missing {', '.join(missing)}); "
+                           f"it cannot be resumed exactly: start with init_from='scratch'")
+    return checkpoint
+
 if init_from == 'resume':
     print(f"Resuming training from {out_dir}")
-    if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"init_from='resume' but {ckpt_path} does not exist: train with "
-                                f"init_from='scratch' first, or point --out_dir at the run to resume")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
-    # the checkpoint's architecture wins (the backend is a runtime choice and may change)
-    for k in model_field_names:
-        if k != 'attn_backend' and k in checkpoint['model_args']:
-            model_args[k] = checkpoint['model_args'][k]
+    checkpoint = load_checkpoint(ckpt_path)
+    # The run's settings build the model, and they must build the checkpoint's: silently taking the
+    # checkpoint's shape would leave the flags and the model disagreeing. Only the attention backend
+    # (same function, another kernel) may change.
+    differ = [f"  {k}: checkpoint {checkpoint['model_args'].get(k)!r} vs requested {model_args[k]!r}"
+              for k in model_field_names if k != 'attn_backend' and checkpoint['model_args'].get(k) != model_args[k]]
+    if differ:
+        raise ValueError(f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:\n"
+                         + "\n".join(differ) + "\nResume with the config file and flags of the run that "
+                         f"wrote it (only attn_backend may change).")
+    changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in checkpoint['config'].items()
+               if k != 'init_from' and k in config and config[k] != v]
+    if changed and master_process:
+        print(f"resuming with settings changed from the checkpoint's run: {', '.join(changed)}")
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
-    data_rng.set_state(checkpoint['data_rng_state'])
-    torch.set_rng_state(checkpoint['torch_rng_state'])
+    skipped_steps = checkpoint['skipped_steps']
 elif init_from != 'scratch':
     raise ValueError(f"init_from={init_from!r}: use 'scratch' or 'resume'")
+start_iter = iter_num # a checkpoint at start_iter would only rewrite the one we started from
 model = GPT(GPTConfig(**model_args))
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
-if block_size < model.config.block_size:
-    model.crop_block_size(block_size)
-    model_args['block_size'] = block_size # so that the checkpoint will have the right value
 model.to(device)
 if master_process:
     backend = model.transformer.h[0].attn.resolve_backend(torch.device(device))
@@ -196,8 +233,11 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 # optimizer: one group per muP class, each with its lr_scale
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if checkpoint is not None:
+    # load_state_dict also restores the saved hyperparameters (weight_decay, betas): keep this run's
+    hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint['optimizer'])
-checkpoint = None # free up memory
+    for group, h in zip(optimizer.param_groups, hyperparameters):
+        group.update(h)
 
 # compile the model
 raw_model = model
@@ -241,9 +281,28 @@ def get_lr(it):
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
 
-def save_checkpoint():
-    """Atomic: write a temporary file beside ckpt.pt, fsync, then rename over it, so a crash at
-    any moment leaves the previous checkpoint intact."""
+def rng_states():
+    """Every process's RNG states (python, numpy, torch, CUDA), gathered from all processes, so a
+    resumed run draws the same dropout masks. A collective under DDP: every process must call it."""
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+             'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    if not ddp:
+        return [state]
+    states = [None] * ddp_world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+def set_rng_state(state):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if device_type == 'cuda' and state['cuda'] is not None:
+        torch.cuda.set_rng_state(state['cuda'])
+
+def save_checkpoint(rng):
+    """Atomic: write a temporary file beside ckpt.pt, fsync, then rename it over ckpt.pt, so a kill at
+    any moment leaves the previous checkpoint intact. With keep_last_n the file is renamed to
+    ckpt_<iter>.pt instead and ckpt.pt becomes a second name (hard link) of it: no second write."""
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -251,25 +310,58 @@ def save_checkpoint():
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
-        'data_rng_state': data_rng.get_state(),
-        'torch_rng_state': torch.get_rng_state(),
+        'skipped_steps': skipped_steps,
+        'data_rng_state': batch_rng_state, # the state that drew this iteration's batches, not the next
+        'rng_states': rng,
     }
     tmp_path = ckpt_path + '.tmp'
     with open(tmp_path, 'wb') as f:
         torch.save(checkpoint, f)
         f.flush()
         os.fsync(f.fileno())
+    saved = [ckpt_path]
+    if keep_last_n:
+        numbered = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
+        os.replace(tmp_path, numbered)
+        os.link(numbered, tmp_path)
+        saved.append(numbered)
     os.replace(tmp_path, ckpt_path)
-    print(f"saved checkpoint to {ckpt_path}")
+    if keep_last_n:
+        kept = sorted((int(m[1]), m[0]) for m in map(re.compile(r'ckpt_(\d+)\.pt$').match, os.listdir(out_dir)) if m)
+        for _, name in kept[:-keep_last_n]:
+            os.remove(os.path.join(out_dir, name))
+    print(f"saved checkpoint to {' and '.join(saved)}")
+
+# SIGINT (Ctrl-C) / SIGTERM (schedulers, torchrun) ask the loop to finish its step, save and exit 0
+stop_signal = None
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL) # a second one stops at once
 
 # logging
 if wandb_log and master_process:
     import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    mup_info = {'width_mult': raw_model.config.width_mult,
+                **{f"lr_scale/{g['name']}": g['lr_scale'] for g in optimizer.param_groups}}
+    wandb.init(project=wandb_project, name=wandb_run_name, config={**config, **mup_info})
 
 # training loop
 peak_flops = device_peak_flops(device)
+# Restore the RNGs last: building the model and measuring the peak flops drew from torch's RNG.
+# A run with another number of processes can't continue their dropout streams: it keeps its seeds.
+if checkpoint is not None:
+    data_rng.set_state(checkpoint['data_rng_state'])
+    if len(checkpoint['rng_states']) == ddp_world_size:
+        set_rng_state(checkpoint['rng_states'][ddp_rank])
+    elif master_process:
+        print(f"the checkpoint holds the RNG states of {len(checkpoint['rng_states'])} processes, this run "
+              f"has {ddp_world_size}: dropout continues from fresh seeds (the batches are unaffected)")
+checkpoint = None # free up memory
+batch_rng_state = data_rng.get_state() # what drew `batches`: a checkpoint stores it, so a resume redraws them
 batches = get_batch('train', data_rng, local_accum_steps) # fetch the very first batch
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
 t0 = time.time()
 local_iter_num = 0 # number of iterations in the lifetime of this process
 running_mfu = -1.0
@@ -281,16 +373,18 @@ while True:
         param_group['lr'] = lr * param_group['lr_scale']
 
     # evaluate the loss on train/val sets and write checkpoints
-    if iter_num % eval_interval == 0 and master_process:
-        losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if wandb_log:
-            wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val'],
-                       "lr": lr, "mfu": running_mfu*100})
-        if losses['val'] < best_val_loss or always_save_checkpoint:
-            best_val_loss = min(best_val_loss, losses['val'])
-            if iter_num > 0:
-                save_checkpoint()
+    if iter_num % eval_interval == 0:
+        rng = rng_states() # on every process, before its RNGs move on
+        if master_process:
+            losses = estimate_loss()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val']})
+            # a non-finite eval loss (skip_nonfinite after a blow-up) must not replace the last good checkpoint
+            if math.isfinite(losses['val']) and (losses['val'] < best_val_loss or always_save_checkpoint):
+                best_val_loss = min(best_val_loss, losses['val'])
+                if iter_num > start_iter:
+                    save_checkpoint(rng)
     if iter_num == 0 and eval_only:
         break
 
@@ -308,13 +402,34 @@ while True:
             loss = loss / local_accum_steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
+    batch_rng_state = data_rng.get_state()
     batches = get_batch('train', data_rng, local_accum_steps) # next batch, while the GPU is busy
-    # clip the gradient
-    if grad_clip != 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    # step the optimizer and scaler if training in fp16
-    scaler.step(optimizer)
+    # One sync per step: the global batch's loss, the gradient norm (the same on every process after
+    # DDP's all-reduce) and whether any process was asked to stop, so that all of them act alike.
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    step_stats = torch.stack([loss_sum, torch.tensor(float(stop_signal is not None), device=device)])
+    if ddp:
+        torch.distributed.all_reduce(step_stats)
+    lossf, stop_requested = step_stats[0].item() / ddp_world_size, step_stats[1].item() > 0
+    grad_normf = grad_norm.item()
+    # fp16's GradScaler expects overflowing gradients now and then and skips those steps itself
+    if not math.isfinite(lossf) or (not math.isfinite(grad_normf) and not scaler.is_enabled()):
+        bad = sorted({g['name'] for g in optimizer.param_groups
+                      if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in g['params'])})
+        what = (f"iter {iter_num}: non-finite loss {lossf} or gradient norm {grad_normf} "
+                f"(param groups with non-finite gradients: {', '.join(bad) or 'none'})")
+        if not skip_nonfinite:
+            last = f"last good checkpoint: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint saved yet"
+            sys.exit(f"{what}. Stopped; {last}. Lower the learning rate or check the data; "
+                     f"--skip_nonfinite=True skips such steps instead" if master_process else 1)
+        skipped_steps += 1
+        if master_process:
+            print(f"{what}: step skipped ({skipped_steps} skipped so far)")
+    else:
+        if grad_clip != 0.0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, grad_norm)
+        scaler.step(optimizer)
     scaler.update()
     # flush the gradients as soon as we can, no need for this memory anymore
     optimizer.zero_grad(set_to_none=True)
@@ -323,18 +438,26 @@ while True:
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
-    if iter_num % log_interval == 0:
-        if ddp:
-            torch.distributed.all_reduce(loss_sum) # the loss of the whole global batch
-        lossf = loss_sum.item() / ddp_world_size
-        if master_process:
-            if local_iter_num >= 5: # let the training loop settle a bit
-                mfu = raw_model.estimate_mfu(batch_size * local_accum_steps, dt, peak_flops)
-                running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
-            print(f"iter {iter_num}: loss {lossf:.4f}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+    if iter_num % log_interval == 0 and master_process:
+        if local_iter_num >= 5: # let the training loop settle a bit
+            mfu = raw_model.estimate_mfu(batch_size * local_accum_steps, dt, peak_flops)
+            running_mfu = mfu if running_mfu == -1.0 else 0.9*running_mfu + 0.1*mfu
+        # the loss of an fp32 value to its last bit (9 digits): a resumed run can be diffed with the original
+        print(f"iter {iter_num}: loss {lossf:.9g}, time {dt*1000:.2f}ms, mfu {running_mfu*100:.2f}%")
+        if wandb_log:
+            wandb.log({"iter": iter_num, "loss": lossf, "grad_norm": grad_normf, "mfu": running_mfu*100,
+                       "skipped_steps": skipped_steps, **{f"lr/{g['name']}": g['lr'] for g in optimizer.param_groups}})
     iter_num += 1
     local_iter_num += 1
 
+    # graceful stop: the step is done, save where the next one would start
+    if stop_requested:
+        rng = rng_states()
+        if master_process:
+            save_checkpoint(rng)
+            print(f"{stop_signal or 'stop requested by another process'}: stopped before iter {iter_num}; "
+                  f"checkpoint in {ckpt_path}, continue with --init_from=resume")
+        break
     # termination conditions
     if iter_num > max_iters:
         break
