@@ -100,11 +100,11 @@ def soft_cap(cap):
 # get it from the module. The value's second field documents the argument.
 ATTN_MODS = {
     'causal':         (lambda attn, arg: (causal, None), None),
-    'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), 'window length, e.g. sliding_window:128'),
-    'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), 'prefix length, e.g. prefix_lm:32'),
+    'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), 'window length, an integer, e.g. sliding_window:128'),
+    'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), 'prefix length, an integer, e.g. prefix_lm:32'),
     'alibi':          (lambda attn, arg: (causal, ModuleALiBi(attn)), None),
     'alibi_learned':  (lambda attn, arg: (causal, ModuleALiBi(attn)), None),
-    'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), 'cap, e.g. soft_cap:20'),
+    'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), 'cap, finite, e.g. soft_cap:20'),
 }
 
 def parse_attn_mod(spec):
@@ -117,7 +117,8 @@ def parse_attn_mod(spec):
         raise ValueError(f"attn_mod={spec!r}: {name} takes no argument; write attn_mod='{name}'")
     if arg_doc is not None:
         try:
-            assert float(arg) > 0
+            ATTN_MODS[name][0](None, arg) # the entry's own int()/float() of the argument (these builders need no module)
+            assert 0 < float(arg) < math.inf # soft_cap:inf would give inf * tanh(0) = nan
         except (ValueError, AssertionError):
             raise ValueError(f"attn_mod={spec!r}: {name} needs a positive number, the {arg_doc}") from None
     return name, arg
@@ -302,30 +303,73 @@ class MuPFlexAttention(nn.Module):
         return self.block_mask_cache[key]
 
     def _dense_mask(self, B, T, device):
+        """The dense backend's boolean mask as a (B, n_head, T, T) view. A mask_mod that gives on
+        broadcast index tensors exactly what it gives element by element (every catalog mod) is
+        cached with only the dims it depends on (causal: (1, 1, T, T)): T^2 memory, not B*H*T^2,
+        and SDPA takes that compact mask as fast as is_causal. Others keep the vmap evaluation."""
         key = ('dense', B, T, str(device))
         if key not in self.block_mask_cache:
             self._make_room_in_mask_cache()
             idx = [torch.arange(n, device=device) for n in (B, self.n_head, T, T)]
-            self.block_mask_cache[key] = _vmap_bhqkv(self.mask_mod, prefix=0)(*idx)
-        return self.block_mask_cache[key]
+            mask = _vmap_bhqkv(self.mask_mod, prefix=0)(*idx) # the reference: flex's per-element meaning
+            b, h, q_idx, kv_idx = idx
+            if not torch.compiler.is_compiling(): # the check is a graph break there, for a once-per-shape gain
+                try:
+                    compact = self.mask_mod(b[:, None, None, None], h[None, :, None, None],
+                                            q_idx[None, None, :, None], kv_idx[None, None, None, :])
+                    if torch.equal(torch.broadcast_to(compact, mask.shape), mask):
+                        mask = compact
+                except (RuntimeError, IndexError, TypeError, ValueError):
+                    pass # not written elementwise (e.g. a reduction over an index): keep the vmap result
+            self.block_mask_cache[key] = mask
+        return self.block_mask_cache[key].expand(B, self.n_head, T, T)
 
     def _dense(self, q, k, v):
         B, H, T, _ = q.shape
         mask = self._dense_mask(B, T, q.device)
+        # the cached mask without the expand (broadcast dims have stride 0): ops on it stay compact
+        compact = mask[tuple(slice(None) if stride else slice(1) for stride in mask.stride())]
         if not self.has_score_mod and not self.capture:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=compact, scale=self.scale,
                                                   dropout_p=self.dropout if self.training else 0.0)
-        score = (q @ k.transpose(-2, -1)) * self.scale
+        score = (q * self.scale) @ k.transpose(-2, -1) # scaling q costs T*head_dim multiplies, not T*T
         if self.has_score_mod:
             idx = [torch.arange(n, device=q.device) for n in (B, H, T, T)]
-            score = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
-        score = score.masked_fill(~mask, float('-inf'))
-        probs = torch.softmax(score, dim=-1)
-        probs = torch.where(mask.any(-1, keepdim=True), probs, 0.0) # fully masked rows give 0, as flex and SDPA
+            b, h, q_idx, kv_idx = idx
+            broadcast_idx = (b[:, None, None, None], h[None, :, None, None],
+                             q_idx[None, None, :, None], kv_idx[None, None, None, :])
+            # One call on broadcast index tensors is much faster than nested vmaps, and means the same
+            # for an elementwise mod (every catalog mod). Checked against vmap once per shape, on
+            # this score, and remembered with the masks (every layer runs the same mod). Not while
+            # torch.compile traces (the check is a graph break): it fuses vmap's batched ops anyway.
+            key = ('dense score_mod broadcasts', B, T, str(q.device))
+            if key not in self.block_mask_cache and not torch.compiler.is_compiling():
+                with torch.no_grad():
+                    reference = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
+                    try:
+                        broadcast = torch.broadcast_to(self.score_mod(score, *broadcast_idx), reference.shape)
+                        tol = 8 * torch.finfo(reference.dtype).eps
+                        ok = torch.allclose(broadcast, reference, rtol=tol, atol=tol, equal_nan=True)
+                    except (RuntimeError, IndexError, TypeError, ValueError):
+                        ok = False # not written elementwise (e.g. a reduction over an index)
+                self._make_room_in_mask_cache()
+                self.block_mask_cache[key] = ok
+            if self.block_mask_cache.get(key, False):
+                score = torch.broadcast_to(self.score_mod(score, *broadcast_idx), score.shape)
+            else:
+                score = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
+        # The mask as an additive bias: its backward is free, masked_fill's is one more (B, H, T, T)
+        # pass. Finite, so a fully masked row gives a uniform row instead of nan; the multiply by
+        # `attends` below makes it 0, as flex and SDPA give.
+        bias = torch.zeros(compact.shape, dtype=score.dtype, device=q.device)
+        bias.masked_fill_(~compact, torch.finfo(score.dtype).min / 2)
+        probs = torch.softmax(score + bias, dim=-1)
+        attends = compact.any(-1, keepdim=True) # False on rows with nothing to attend to
         if self.capture:
+            probs = probs * attends
             probs.retain_grad()
             self.captured_probs, self.captured_mask = probs, mask
-        return self.attn_dropout(probs) @ v
+        return (self.attn_dropout(probs) @ v) * attends # (B, H, T, head_dim): cheaper than on probs
 
     def attend(self, q, k, v):
         """q, k, v: (B, n_head, T, head_dim) -> (B, n_head, T, head_dim)."""
