@@ -16,16 +16,6 @@ from model import GPT, GPTConfig
 
 pytestmark = pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These models are tiny: on the shared 2-core machine, 2 intra-op threads made the mods and
-    graph tests take 72 s instead of 14 s (OpenMP threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 N_TYPES, MAX_DIST, N_HEAD = 3, 4, 2
 # two small directed graphs on 5 nodes: (source, target, type, distance)
 EDGES = [

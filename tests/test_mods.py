@@ -18,16 +18,6 @@ from model import (GPT, GPTConfig, MuPFlexAttention, and_masks, causal, document
 # flex's eager CPU path (a reference implementation) is what these tests compare against
 pytestmark = pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """These models are tiny: on the shared 2-core machine, 2 intra-op threads made the mods and
-    graph tests take 72 s instead of 14 s (OpenMP threads waiting on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 B, T, N_HEAD, HEAD_DIM = 2, 12, 2, 8
 DOC_IDS = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 2 + [1] * 10]) # (B, T): packed documents
 
