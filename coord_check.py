@@ -4,12 +4,14 @@ Coordinate check for muP (MUP.md invariants 3 and 4), in the style of microsoft/
 GPTs of several widths take a few Adam steps on one fixed batch, with the learning rates set as
 train.py sets them (lr * lr_scale on every group of model.configure_optimizers). Forward hooks
 record mean(|h|) of every block's attention and MLP output, and the logits, before each step.
-Under muP these coordinates stay the same size as the width grows; under SP they grow with it
-once the weights have moved (at t = 0 the two look alike, which is why a check at init proves
-nothing). It also records mean(|h_t - h_0|), the change of each output since init: invariant 4
-asks that the first step's change be width-independent under muP.
+Under muP these coordinates stay the same size as the width grows once the weights have moved;
+under SP the block outputs grow about like width^2 after a few Adam steps. The check must look
+after updates: at t = 0 muP's logits shrink like 1/sqrt(width) by design (the readout's output
+vanishes at init in the muP limit), and the updates are what muP is about. It also records
+mean(|h_t - h_0|), the change of each output since init: invariant 4 asks that the first step's
+change be width-independent under muP.
 
-$ python coord_check.py                                  # SP and muP, widths 64..1024, n_head fixed
+$ python coord_check.py                                  # SP and muP, widths 128..1024, n_head fixed
 $ python coord_check.py --heads=grow --out=coord_check_grow   # head_dim fixed, n_head grows
 $ python coord_check.py --param=mup --widths=64,256,1024 --steps=5 --lr=3e-2
 
@@ -36,9 +38,14 @@ RANDOM_VOCAB = 65 # shakespeare_char's vocabulary size, so both data sources bui
 
 # -----------------------------------------------------------------------------
 # default config values, every one overridable with --key=value
-widths = [64, 128, 256, 512, 1024]
+# Widths start one doubling above the base: at the base width itself (64) finite-width effects
+# put the MLP outputs' mean|h| 30-50% above their flat value at 128..1024 and tilt the slope.
+widths = [128, 256, 512, 1024]
 steps = 4 # Adam steps; statistics are recorded at t = 0 .. steps (t = updates done so far)
-lr = 1e-2 # large-ish, as MUP.md asks: small lrs hide SP's blow-up for longer
+# Large enough that SP blows up within 4 steps (slopes ~2), small enough that the muP family is
+# not yet oscillating on the fixed batch: at 1e-2 mean|h| at t=4 jumps by up to 2.5x between
+# neighbouring widths and muP's worst |slope| reaches 0.3-0.5 (MUP.md suggests ~1e-2).
+lr = 3e-3
 param = 'both' # 'sp' | 'mup' | 'both'
 heads = 'fixed' # 'fixed': n_head fixed, head_dim grows (nanoGPT's --n_embd habit); 'grow': head_dim fixed, n_head grows
 n_layer = 2

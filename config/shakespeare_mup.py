@@ -24,7 +24,7 @@ if torch.cuda.is_available():
     learning_rate = 2 ** -6
     min_lr = learning_rate / 10
 else:
-    n_layer, n_head, n_embd = 4, 4, 256
+    n_layer, n_head, n_embd = 4, 4, 192
     dropout = 0.0
     batch_size, block_size = 16, 128
     max_iters = lr_decay_iters = 2500

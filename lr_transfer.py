@@ -1,0 +1,346 @@
+"""
+muTransfer experiment (MUP.md invariant 6): sweep the learning rate on a x2 grid at several
+widths, SP and muP, on shakespeare_char, and see where the best lr goes as the model widens.
+In the style of the muP paper's Figure 1.
+
+Every run is `train.py` itself in a subprocess (the same model, optimizer groups, lr_scale and
+warmup + cosine schedule), so nothing here can train by different rules. The setup is MUP.md's
+reference: 2 layers, 4 heads, 150 steps of batch 16x64, warmup 10, cosine decay to lr/10, clip
+1.0, no weight decay; the score is the final val loss.
+
+$ python lr_transfer.py                                   # the default grid, ~25 min on 2 cores
+$ python lr_transfer.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,-9,-8,-7,-6 --device=cuda --jobs=8
+$ python lr_transfer.py --seeds=1337,1338,1339            # several seeds: the best lr of the mean loss
+$ python lr_transfer.py --tune=True --horizons=150,1000 --device=cuda --jobs=12 --out=lr_transfer_cuda
+
+--tune=True answers "does muP pay off?": at every horizon (max_iters) it tunes at the base width
+the muTransfer hyperparameters (lr, mup_output_mult, mup_attn_mult, mup_input_mult, init_std) by
+one round of coordinate search over x2 grids, transfers them unchanged to every width, and
+compares with SP at its own best lr for each width (searched on the same grid at that horizon),
+and with SP given muP's tuned multipliers and init std at its own best lr (the control: what do
+the multipliers buy without muP?).
+
+Runs are cached in results/<out>.json (one record per run, keyed by every setting that changes
+its outcome), so an interrupted sweep resumes where it stopped and the tuning reuses the sweep.
+Writes assets/<out>.png; --tune writes results/<out>_tuned.json and assets/<out>_tuned.png.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# -----------------------------------------------------------------------------
+# default config values, every one overridable with --key=value
+widths = [64, 128, 256, 512]
+base_width = 64 # mup_base_width of the muP runs
+log2_lrs = [-12, -11, -10, -9, -8, -7, -6] # the x2 grid: learning_rate = 2**k
+seeds = [1337] # several: the best lr is the one with the lowest mean val loss over seeds
+# MUP.md's reference setup
+n_layer = 2
+n_head = 4
+batch_size = 16
+block_size = 64
+max_iters = 150
+warmup_iters = 10
+grad_clip = 1.0
+weight_decay = 0.0
+eval_iters = 20 # val batches for the final loss; the same batches for every run, so comparisons are paired
+# how to run
+device = 'cpu'
+jobs = 2 # train.py processes at a time
+threads = 1 # OMP threads per process
+out = 'lr_transfer' # results/<out>.json, assets/<out>.png
+# --tune: "does muP pay off?"
+tune = False
+horizons = [150, 1000] # max_iters at which to tune muP and search SP's lr
+# -----------------------------------------------------------------------------
+
+MUP_HPARAMS = ('log2_lr', 'mup_output_mult', 'mup_attn_mult', 'mup_input_mult', 'init_std')
+NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02)
+STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
+
+
+class Runner:
+    """Runs train.py for a list of settings, at most `jobs` at a time, and caches every result
+    in a JSON file, written atomically after each run (so Ctrl-C loses at most the runs in flight)."""
+
+    def __init__(self, path, jobs, threads, device, fixed):
+        self.path, self.threads, self.device, self.fixed = path, threads, device, fixed
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(jobs)
+        self.records = []
+        if os.path.exists(path):
+            with open(path) as f:
+                self.records = json.load(f)
+        self.done = {self.key(r): r for r in self.records}
+        self.progress = None
+
+    def key(self, run):
+        return json.dumps({k: run[k] for k in sorted(self.fixed) + ['param', 'width', 'seed', 'max_iters', *MUP_HPARAMS, 'device']})
+
+    def run_all(self, runs):
+        """runs: dicts with param, width, seed, max_iters and the MUP_HPARAMS. Returns their records."""
+        runs = [dict(self.fixed, device=self.device, **r) for r in runs]
+        return list(self.pool.map(self.run_one, runs))
+
+    def run_one(self, run):
+        key = self.key(run)
+        with self.lock:
+            if key in self.done:
+                return self.done[key]
+        record = dict(run, **self.train(run))
+        with self.lock:
+            self.done[key] = record
+            self.records.append(record)
+            tmp = self.path + '.tmp'
+            with open(tmp, 'w') as f:
+                json.dump(self.records, f, indent=1)
+            os.replace(tmp, self.path)
+            if self.progress is not None:
+                self.progress.update(1)
+        return record
+
+    def train(self, run):
+        """One train.py run; returns its final losses (None when it diverged) and wall time."""
+        it = run['max_iters']
+        lr = 2.0 ** run['log2_lr']
+        args = dict(device=run['device'], compile=False, n_layer=run['n_layer'], n_head=run['n_head'],
+                    n_embd=run['width'], mup_base_width=run['base_width'] if run['param'] == 'mup' else 0,
+                    batch_size=run['batch_size'], block_size=run['block_size'], dropout=0.0,
+                    learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, warmup_iters=run['warmup_iters'],
+                    grad_clip=run['grad_clip'], weight_decay=run['weight_decay'], eval_interval=it,
+                    eval_iters=run['eval_iters'], log_interval=it, seed=run['seed'], always_save_checkpoint=False,
+                    **{k: run[k] for k in MUP_HPARAMS[1:]})
+        out_dir = tempfile.mkdtemp(prefix='lr_transfer_') # train.py saves a checkpoint whenever val improves
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        t0 = time.time()
+        try:
+            proc = subprocess.run([sys.executable, 'train.py', *(f'--{k}={v}' for k, v in args.items()),
+                                   f'--out_dir={out_dir}'], cwd=HERE, env=env, capture_output=True, text=True)
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        seconds = round(time.time() - t0, 2)
+        steps = {int(n): (float(tr), float(va)) for n, tr, va in STEP_LINE.findall(proc.stdout)}
+        if proc.returncode == 0 and it in steps and all(map(math.isfinite, steps[it])):
+            return dict(train_loss=steps[it][0], val_loss=steps[it][1], seconds=seconds)
+        if 'non-finite' in proc.stderr + proc.stdout or (it in steps and not math.isfinite(steps[it][1])):
+            return dict(train_loss=None, val_loss=None, seconds=seconds) # diverged
+        raise RuntimeError(f"train.py failed (exit {proc.returncode}) for {args}:\n{proc.stderr[-2000:]}")
+
+
+def val(record):
+    """Final val loss; a diverged run counts as infinitely bad."""
+    return math.inf if record['val_loss'] is None else record['val_loss']
+
+def mean_val(records):
+    return sum(map(val, records)) / len(records)
+
+def setting(param, width, log2_lr, it, **hparams):
+    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **dict(NEUTRAL, **hparams))
+
+def evaluate(runner, settings):
+    """Mean val loss over seeds of each setting."""
+    runs = [dict(s, seed=seed) for s in settings for seed in seeds]
+    records = runner.run_all(runs)
+    n = len(seeds)
+    return [mean_val(records[i * n:(i + 1) * n]) for i in range(len(settings))]
+
+# -----------------------------------------------------------------------------
+# the sweep
+
+def sweep(runner):
+    """{param: {width: {log2_lr: mean val loss}}} over the whole grid."""
+    grid = [setting(p, w, k, max_iters) for p in ('sp', 'mup') for w in widths for k in log2_lrs]
+    losses = evaluate(runner, grid)
+    table = {}
+    for s, loss in zip(grid, losses):
+        table.setdefault(s['param'], {}).setdefault(s['width'], {})[s['log2_lr']] = loss
+    return table
+
+def best(curve):
+    """log2 lr of the lowest loss in {log2_lr: loss}."""
+    return min(curve, key=curve.get)
+
+def plot_sweep(table, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    colors = matplotlib.colormaps['viridis'](np.linspace(0, 0.9, len(widths)))
+    finite = [v for curves in table.values() for c in curves.values() for v in c.values() if math.isfinite(v)]
+    lo = min(finite)
+    top = min(lo + 1.0, max(finite) + 0.05)
+    for ax, p in zip(axes, ('sp', 'mup')):
+        for w, color in zip(widths, colors):
+            curve = table[p][w]
+            ks = sorted(curve)
+            ax.plot(ks, [min(curve[k], top) for k in ks], marker='o', ms=3, color=color, label=f'width {w}')
+            b = best(curve)
+            ax.plot([b], [curve[b]], marker='*', ms=14, color=color, markeredgecolor='black')
+        ax.set_title(('SP' if p == 'sp' else f'μP (base width {base_width})') +
+                     f': {n_layer}-layer GPT, {max_iters} steps')
+        ax.set_xlabel('log2 learning rate')
+        ax.set_xticks(log2_lrs)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('final val loss (shakespeare_char)')
+    axes[0].set_ylim(lo - 0.05, top + 0.02)
+    axes[1].legend(fontsize=8)
+    fig.suptitle('learning-rate transfer: ★ = best lr per width; diverged or off-scale runs are drawn at the top edge', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+def report_sweep(table):
+    print(f"\nbest log2(lr) per width ({max_iters} steps, final val loss):")
+    print(f"{'width':>6} {'SP':>10} {'μP':>10}")
+    for w in widths:
+        sp, mup = table['sp'][w], table['mup'][w]
+        print(f"{w:>6} {best(sp):>4} {sp[best(sp)]:.3f} {best(mup):>4} {mup[best(mup)]:.3f}")
+    for p in ('sp', 'mup'):
+        bests = [best(table[p][w]) for w in widths]
+        edge = [w for w, b in zip(widths, bests) if b in (min(log2_lrs), max(log2_lrs))]
+        note = f"; best on the grid's edge at widths {edge}: widen log2_lrs" if edge else ""
+        print(f"{p}: best lr moves by {max(bests) - min(bests)} grid steps across widths {widths}{note}")
+
+# -----------------------------------------------------------------------------
+# --tune: tune muP at the base width, transfer, compare with SP at its own best lr per width
+
+def line_search(runner, make, name, start, max_moves=4):
+    """Minimise the loss of make(name=x) over x on a x2 grid (log2_lr: +-1): evaluate both
+    neighbours of `start`, then walk in the better direction until the next step is worse or
+    `max_moves` steps were taken. Returns (best x, its loss)."""
+    step = (lambda x, d: x + d) if name == 'log2_lr' else (lambda x, d: x * 2.0 ** d)
+    x = start
+    lo, mid, hi = evaluate(runner, [make(**{name: step(x, d)}) for d in (-1, 0, 1)])
+    if mid <= min(lo, hi):
+        return x, mid
+    d, loss = (-1, lo) if lo < hi else (1, hi)
+    x = step(x, d)
+    for _ in range(max_moves - 1):
+        (nxt,) = evaluate(runner, [make(**{name: step(x, d)})])
+        if nxt >= loss:
+            break
+        x, loss = step(x, d), nxt
+    return x, loss
+
+def tune_mup(runner, it, start_log2_lr):
+    """One round of coordinate search at the base width over MUP_HPARAMS, lr first and again last
+    (it interacts with every multiplier). Returns (hparams, loss, the lr-only hparams)."""
+    hp = dict(NEUTRAL, log2_lr=start_log2_lr)
+    trace = []
+    for name in MUP_HPARAMS + ('log2_lr',):
+        make = lambda **kw: setting('mup', base_width, it=it, **dict(hp, **kw))
+        hp[name], loss = line_search(runner, make, name, hp[name])
+        trace.append((name, hp[name], loss))
+        if len(trace) == 1:
+            lr_only = dict(hp)
+    return hp, loss, lr_only, trace
+
+def sp_best_lr(runner, width, it, start_log2_lr, mults=NEUTRAL):
+    """SP's best lr at this width and horizon, with the given multipliers and init std."""
+    return line_search(runner, lambda **kw: setting('sp', width, it=it, **dict(mults, **kw)),
+                       'log2_lr', start_log2_lr, max_moves=6)
+
+def compare(runner):
+    """For each horizon: tune muP at the base width and search SP's lr at every width (all in
+    parallel); then run muP at every width with the base width's values, and, as the control
+    for what the multipliers alone buy, search SP's lr at every width with muP's tuned
+    multipliers and init std (at the base width SP and muP are the same model)."""
+    start = -8 # MUP.md's reference optimum at 150 steps; the searches walk from there
+    with ThreadPoolExecutor(len(horizons) * (1 + len(widths))) as searches:
+        tuned = {it: searches.submit(tune_mup, runner, it, start) for it in horizons}
+        sp = {(it, w): searches.submit(sp_best_lr, runner, w, it, start) for it in horizons for w in widths}
+        tuned = {it: f.result() for it, f in tuned.items()}
+        sp_mults = {(it, w): searches.submit(sp_best_lr, runner, w, it, tuned[it][0]['log2_lr'],
+                                             {k: tuned[it][0][k] for k in NEUTRAL})
+                    for it in horizons for w in widths}
+        sp = {k: f.result() for k, f in sp.items()}
+        sp_mults = {k: f.result() for k, f in sp_mults.items()}
+    summary = []
+    for it in horizons:
+        hp, _, lr_only, trace = tuned[it]
+        mup_tuned = evaluate(runner, [setting('mup', w, it=it, **hp) for w in widths])
+        mup_lr = evaluate(runner, [setting('mup', w, it=it, **lr_only) for w in widths])
+        summary.append(dict(max_iters=it, tuned=hp, lr_only=lr_only, search=trace, rows=[
+            dict(width=w, sp_log2_lr=sp[it, w][0], sp=sp[it, w][1], sp_mults_log2_lr=sp_mults[it, w][0],
+                 sp_mults=sp_mults[it, w][1], mup_lr_only=a, mup_tuned=b)
+            for w, a, b in zip(widths, mup_lr, mup_tuned)]))
+    return summary
+
+def report_compare(summary):
+    for s in summary:
+        hp = s['tuned']
+        print(f"\n{s['max_iters']} steps; muP tuned at width {base_width}: lr 2^{hp['log2_lr']}, output x{hp['mup_output_mult']:g}, "
+              f"attn x{hp['mup_attn_mult']:g}, input x{hp['mup_input_mult']:g}, init_std {hp['init_std']:g} "
+              f"(lr only: 2^{s['lr_only']['log2_lr']})")
+        print(f"{'width':>6} {'SP own best lr':>18} {'SP + muP mults':>18} {'μP lr only':>11} {'μP tuned':>9}")
+        for r in s['rows']:
+            print(f"{r['width']:>6} {r['sp']:>10.3f} (2^{r['sp_log2_lr']}) {r['sp_mults']:>10.3f} (2^{r['sp_mults_log2_lr']}) "
+                  f"{r['mup_lr_only']:>11.3f} {r['mup_tuned']:>9.3f}")
+
+def plot_compare(summary, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 4), squeeze=False)
+    for ax, s in zip(axes[0], summary):
+        ws = [r['width'] for r in s['rows']]
+        for key, label, style in (('sp', 'SP, own best lr per width', 'o-'),
+                                  ('sp_mults', 'SP + μP\'s tuned multipliers, own best lr', 'o:'),
+                                  ('mup_lr_only', 'μP, base-width lr', 's--'),
+                                  ('mup_tuned', 'μP, all base-width hparams', '^-')):
+            ax.plot(ws, [r[key] for r in s['rows']], style, label=label)
+        ax.set_xscale('log', base=2)
+        ax.set_xlabel('width')
+        ax.set_title(f"{s['max_iters']} steps")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel('final val loss')
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f'does μP pay off? μTransfer from width {base_width} vs SP tuned at every width', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+# -----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    from tqdm import tqdm
+
+    from configurator import configure
+    configure(globals(), sys.argv[1:])
+    if base_width not in widths:
+        raise ValueError(f"base_width={base_width} is not among widths={widths}: muP's reference model must be swept too")
+    if any(w % n_head for w in widths):
+        raise ValueError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
+    for d in ('results', 'assets'):
+        os.makedirs(os.path.join(HERE, d), exist_ok=True)
+    fixed = dict(base_width=base_width, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
+                 warmup_iters=warmup_iters, grad_clip=grad_clip, weight_decay=weight_decay, eval_iters=eval_iters)
+    runner = Runner(os.path.join(HERE, 'results', f'{out}.json'), jobs, threads, device, fixed)
+    print(f"runs cached in {runner.path} ({len(runner.records)} so far); {jobs} at a time, {threads} thread(s) each, on {device}")
+    with tqdm(desc='train.py runs', unit='run') as runner.progress:
+        if tune:
+            summary = compare(runner)
+        else:
+            table = sweep(runner)
+    if tune:
+        report_compare(summary)
+        with open(os.path.join(HERE, 'results', f'{out}_tuned.json'), 'w') as f:
+            json.dump(summary, f, indent=1)
+        plot_compare(summary, os.path.join(HERE, 'assets', f'{out}_tuned.png'))
+        print(f"\nwrote results/{out}_tuned.json and assets/{out}_tuned.png")
+    else:
+        report_sweep(table)
+        plot_sweep(table, os.path.join(HERE, 'assets', f'{out}.png'))
+        print(f"\nwrote assets/{out}.png")
