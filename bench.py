@@ -357,7 +357,8 @@ if __name__ == '__main__':
     report = dict(settings=config, environment=dict(
         device=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
         dtype=dtype, torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-        load_average_start=os.getloadavg()))
+        load_average_start=os.getloadavg(), # and the allocator settings, which move the dense rows on CPU:
+        allocator_env={k: v for k, v in os.environ.items() if k.startswith('MALLOC_') or k == 'LD_PRELOAD'}))
     print(f"device {report['environment']['device']}, {dtype}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, load average {report['environment']['load_average_start'][0]:.2f}")
 
