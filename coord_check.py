@@ -32,9 +32,9 @@ import torch
 
 from model import GPT, GPTConfig
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.path.join(HERE, 'data', 'shakespeare_char')
-RANDOM_VOCAB = 65 # shakespeare_char's vocabulary size, so both data sources build the same model
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
+_RANDOM_VOCAB = 65 # shakespeare_char's vocabulary size, so both data sources build the same model
 
 # -----------------------------------------------------------------------------
 # default config values, every one overridable with --key=value
@@ -58,7 +58,7 @@ seed = 1337
 out = 'coord_check' # writes assets/<out>.png and results/<out>.csv
 # -----------------------------------------------------------------------------
 
-def random_batch(batch_size, block_size, seed, vocab_size=RANDOM_VOCAB):
+def random_batch(batch_size, block_size, seed, vocab_size=_RANDOM_VOCAB):
     """(x, y) of uniform random tokens: the data-independent batch the tests use."""
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(vocab_size, (batch_size, block_size + 1), generator=g)
@@ -67,20 +67,20 @@ def random_batch(batch_size, block_size, seed, vocab_size=RANDOM_VOCAB):
 def fixed_batch(batch_size, block_size, seed):
     """(x, y, vocab_size, source): one batch of data/shakespeare_char/train.bin if it has been
     prepared, else random tokens; `source` says which."""
-    path = os.path.join(DATA_DIR, 'train.bin')
+    path = os.path.join(_DATA_DIR, 'train.bin')
     if not os.path.exists(path):
         x, y = random_batch(batch_size, block_size, seed)
-        return x, y, RANDOM_VOCAB, 'random tokens (data/shakespeare_char/train.bin not prepared)'
+        return x, y, _RANDOM_VOCAB, 'random tokens (data/shakespeare_char/train.bin not prepared)'
     data = np.memmap(path, dtype=np.uint16, mode='r')
     g = torch.Generator().manual_seed(seed)
     ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
     xy = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix])
-    with open(os.path.join(DATA_DIR, 'meta.pkl'), 'rb') as f:
+    with open(os.path.join(_DATA_DIR, 'meta.pkl'), 'rb') as f:
         vocab_size = pickle.load(f)['vocab_size']
     return xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), vocab_size, 'shakespeare_char train.bin'
 
 def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, base_width=64,
-                vocab_size=RANDOM_VOCAB, block_size=64, seed=1337):
+                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337):
     """A GPT of n_embd=width, as train.py builds it (no bias, no dropout, tied readout), SP or
     muP relative to base_width. heads='fixed' keeps n_head; heads='grow' keeps head_dim and
     tells muP the base model's head dim (mup_base_head_dim)."""
@@ -143,7 +143,7 @@ def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=
     random tokens. Returns [{'width', 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
     if len(widths) < 2:
         raise ValueError(f"widths={widths}: a slope needs at least two widths (MUP.md asks for >= 3 doublings)")
-    x, y, vocab_size = batch if batch is not None else (*random_batch(8, 32, seed), RANDOM_VOCAB)
+    x, y, vocab_size = batch if batch is not None else (*random_batch(8, 32, seed), _RANDOM_VOCAB)
     results = []
     for width in widths:
         model = build_model(width, param, heads, n_layer, n_head, head_dim, base_width,
@@ -237,8 +237,8 @@ if __name__ == '__main__':
                                         n_head, head_dim, base_width, progress=bar)
     print_slopes(all_results, steps)
     for d in ('assets', 'results'):
-        os.makedirs(os.path.join(HERE, d), exist_ok=True)
-    png, csv_path = os.path.join(HERE, 'assets', f'{out}.png'), os.path.join(HERE, 'results', f'{out}.csv')
+        os.makedirs(os.path.join(_HERE, d), exist_ok=True)
+    png, csv_path = os.path.join(_HERE, 'assets', f'{out}.png'), os.path.join(_HERE, 'results', f'{out}.csv')
     plot(all_results, png, f"coord check: {n_layer}-layer GPT, {layout}, Adam lr {lr:g}, data: {source.split(' (')[0]}")
     write_csv(all_results, csv_path, heads)
     print(f"\nwrote {png} and {csv_path}")

@@ -37,7 +37,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # default config values, every one overridable with --key=value
@@ -126,7 +126,7 @@ class Runner:
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, 'train.py', *(f'--{k}={v}' for k, v in args.items()),
-                                   f'--out_dir={out_dir}'], cwd=HERE, env=env, capture_output=True, text=True)
+                                   f'--out_dir={out_dir}'], cwd=_HERE, env=env, capture_output=True, text=True)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         seconds = round(time.time() - t0, 2)
@@ -324,10 +324,10 @@ if __name__ == '__main__':
     if any(w % n_head for w in widths):
         raise ValueError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
     for d in ('results', 'assets'):
-        os.makedirs(os.path.join(HERE, d), exist_ok=True)
+        os.makedirs(os.path.join(_HERE, d), exist_ok=True)
     fixed = dict(base_width=base_width, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
                  warmup_iters=warmup_iters, grad_clip=grad_clip, weight_decay=weight_decay, eval_iters=eval_iters)
-    runner = Runner(os.path.join(HERE, 'results', f'{out}.json'), jobs, threads, device, fixed)
+    runner = Runner(os.path.join(_HERE, 'results', f'{out}.json'), jobs, threads, device, fixed)
     print(f"runs cached in {runner.path} ({len(runner.records)} so far); {jobs} at a time, {threads} thread(s) each, on {device}")
     with tqdm(desc='train.py runs', unit='run') as runner.progress:
         if tune:
@@ -336,11 +336,11 @@ if __name__ == '__main__':
             table = sweep(runner)
     if tune:
         report_compare(summary)
-        with open(os.path.join(HERE, 'results', f'{out}_tuned.json'), 'w') as f:
+        with open(os.path.join(_HERE, 'results', f'{out}_tuned.json'), 'w') as f:
             json.dump(summary, f, indent=1)
-        plot_compare(summary, os.path.join(HERE, 'assets', f'{out}_tuned.png'))
+        plot_compare(summary, os.path.join(_HERE, 'assets', f'{out}_tuned.png'))
         print(f"\nwrote results/{out}_tuned.json and assets/{out}_tuned.png")
     else:
         report_sweep(table)
-        plot_sweep(table, os.path.join(HERE, 'assets', f'{out}.png'))
+        plot_sweep(table, os.path.join(_HERE, 'assets', f'{out}.png'))
         print(f"\nwrote assets/{out}.png")
