@@ -211,6 +211,14 @@ def _vmap_bhqkv(fn, prefix):
     return fn
 
 
+def _bhqkv_indices(B, H, T, device):
+    """The (b, h, q_idx, kv_idx) index vectors of a (B, H, T, T) score matrix, and the same four
+    shaped to broadcast against each other (one mod call on them covers every element)."""
+    idx = [torch.arange(n, device=device) for n in (B, H, T, T)]
+    b, h, q_idx, kv_idx = idx
+    return idx, (b[:, None, None, None], h[None, :, None, None], q_idx[None, None, :, None], kv_idx[None, None, None, :])
+
+
 class MuPFlexAttention(nn.Module):
     """Multi-head self-attention whose pattern is a FlexAttention `score_mod` and `mask_mod`.
 
@@ -310,13 +318,11 @@ class MuPFlexAttention(nn.Module):
         key = ('dense', B, T, str(device))
         if key not in self.block_mask_cache:
             self._make_room_in_mask_cache()
-            idx = [torch.arange(n, device=device) for n in (B, self.n_head, T, T)]
+            idx, broadcast_idx = _bhqkv_indices(B, self.n_head, T, device)
             mask = _vmap_bhqkv(self.mask_mod, prefix=0)(*idx) # the reference: flex's per-element meaning
-            b, h, q_idx, kv_idx = idx
             if not torch.compiler.is_compiling(): # the check is a graph break there, for a once-per-shape gain
                 try:
-                    compact = self.mask_mod(b[:, None, None, None], h[None, :, None, None],
-                                            q_idx[None, None, :, None], kv_idx[None, None, None, :])
+                    compact = self.mask_mod(*broadcast_idx)
                     if torch.equal(torch.broadcast_to(compact, mask.shape), mask):
                         mask = compact
                 except (RuntimeError, IndexError, TypeError, ValueError):
@@ -334,10 +340,7 @@ class MuPFlexAttention(nn.Module):
                                                   dropout_p=self.dropout if self.training else 0.0)
         score = (q * self.scale) @ k.transpose(-2, -1) # scaling q costs T*head_dim multiplies, not T*T
         if self.has_score_mod:
-            idx = [torch.arange(n, device=q.device) for n in (B, H, T, T)]
-            b, h, q_idx, kv_idx = idx
-            broadcast_idx = (b[:, None, None, None], h[None, :, None, None],
-                             q_idx[None, None, :, None], kv_idx[None, None, None, :])
+            idx, broadcast_idx = _bhqkv_indices(B, H, T, q.device)
             # One call on broadcast index tensors is much faster than nested vmaps, and means the same
             # for an elementwise mod (every catalog mod). Checked against vmap once per shape, on
             # this score, and remembered with the masks (every layer runs the same mod). Not while
