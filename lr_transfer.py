@@ -12,6 +12,7 @@ $ python lr_transfer.py                                   # the default grid, ~2
 $ python lr_transfer.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,-9,-8,-7,-6 --device=cuda --jobs=8
 $ python lr_transfer.py --seeds=1337,1338,1339            # several seeds: the best lr of the mean loss
 $ python lr_transfer.py --tune=True --horizons=150,1000 --device=cuda --jobs=12 --out=lr_transfer_cuda
+$ python lr_transfer.py --causes=True --widths=64,512 --out=lr_transfer_causes
 
 --tune=True answers "does muP pay off?": at every horizon (max_iters) it tunes at the base width
 the muTransfer hyperparameters (lr, mup_output_mult, mup_attn_mult, mup_input_mult, init_std) by
@@ -19,6 +20,10 @@ one round of coordinate search over x2 grids, transfers them unchanged to every 
 compares with SP at its own best lr for each width (searched on the same grid at that horizon),
 and with SP given muP's tuned multipliers and init std at its own best lr (the control: what do
 the multipliers buy without muP?).
+
+--causes=True asks why muP with only the lr transferred loses to SP tuned at every width: for
+each suspect (base width, head dim, Adam eps, weight decay, the 1/m hidden-lr exponent) it changes
+that one setting and measures the gap at the widest width again.
 
 Runs are cached in results/<out>.json (one record per run, keyed by every setting that changes
 its outcome), so an interrupted sweep resumes where it stopped and the tuning reuses the sweep.
@@ -54,6 +59,9 @@ max_iters = 150
 warmup_iters = 10
 grad_clip = 1.0
 weight_decay = 0.0
+mup_scale_weight_decay = True
+adam_eps = 1e-8
+mup_hidden_lr_exponent = 1.0 # 1 is muP; --causes tries another
 eval_iters = 20 # val batches for the final loss; the same batches for every run, so comparisons are paired
 # how to run
 device = 'cpu'
@@ -63,9 +71,12 @@ out = 'lr_transfer' # results/<out>.json, assets/<out>.png
 # --tune: "does muP pay off?"
 tune = False
 horizons = [150, 1000] # max_iters at which to tune muP and search SP's lr
+# --causes: why does muP with only the base width's lr lose to SP tuned at every width?
+causes = False
 # -----------------------------------------------------------------------------
 
-MUP_HPARAMS = ('log2_lr', 'mup_output_mult', 'mup_attn_mult', 'mup_input_mult', 'init_std')
+_MUP_HPARAMS = ('log2_lr', 'mup_output_mult', 'mup_attn_mult', 'mup_input_mult', 'init_std')
+_MUP_ONLY = ('base_width', 'mup_scale_weight_decay', 'mup_hidden_lr_exponent') # an SP run ignores them
 NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02)
 STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
 
@@ -86,10 +97,13 @@ class Runner:
         self.progress = None
 
     def key(self, run):
-        return json.dumps({k: run[k] for k in sorted(self.fixed) + ['param', 'width', 'seed', 'max_iters', *MUP_HPARAMS, 'device']})
+        fields = {k: run[k] for k in sorted(self.fixed) + ['param', 'width', 'seed', 'max_iters', *_MUP_HPARAMS, 'device']}
+        if run['param'] == 'sp': # one SP run serves every muP-only variant (e.g. each base width of --causes)
+            fields.update(dict.fromkeys(_MUP_ONLY))
+        return json.dumps(fields)
 
     def run_all(self, runs):
-        """runs: dicts with param, width, seed, max_iters and the MUP_HPARAMS. Returns their records."""
+        """runs: dicts with param, width, seed, max_iters and the _MUP_HPARAMS. Returns their records."""
         runs = [dict(self.fixed, device=self.device, **r) for r in runs]
         return list(self.pool.map(self.run_one, runs))
 
@@ -118,9 +132,11 @@ class Runner:
                     n_embd=run['width'], mup_base_width=run['base_width'] if run['param'] == 'mup' else 0,
                     batch_size=run['batch_size'], block_size=run['block_size'], dropout=0.0,
                     learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, warmup_iters=run['warmup_iters'],
-                    grad_clip=run['grad_clip'], weight_decay=run['weight_decay'], eval_interval=it,
+                    grad_clip=run['grad_clip'], weight_decay=run['weight_decay'], adam_eps=run['adam_eps'],
+                    mup_scale_weight_decay=run['mup_scale_weight_decay'],
+                    mup_hidden_lr_exponent=run['mup_hidden_lr_exponent'], eval_interval=it,
                     eval_iters=run['eval_iters'], log_interval=it, seed=run['seed'], always_save_checkpoint=False,
-                    **{k: run[k] for k in MUP_HPARAMS[1:]})
+                    **{k: run[k] for k in _MUP_HPARAMS[1:]})
         out_dir = tempfile.mkdtemp(prefix='lr_transfer_') # train.py saves a checkpoint whenever val improves
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         t0 = time.time()
@@ -235,11 +251,11 @@ def line_search(runner, make, name, start, max_moves=4):
     return x, loss
 
 def tune_mup(runner, it, start_log2_lr):
-    """One round of coordinate search at the base width over MUP_HPARAMS, lr first and again last
+    """One round of coordinate search at the base width over _MUP_HPARAMS, lr first and again last
     (it interacts with every multiplier). Returns (hparams, loss, the lr-only hparams)."""
     hp = dict(NEUTRAL, log2_lr=start_log2_lr)
     trace = []
-    for name in MUP_HPARAMS + ('log2_lr',):
+    for name in _MUP_HPARAMS + ('log2_lr',):
         make = lambda **kw: setting('mup', base_width, it=it, **dict(hp, **kw))
         hp[name], loss = line_search(runner, make, name, hp[name])
         trace.append((name, hp[name], loss))
@@ -313,6 +329,44 @@ def plot_compare(summary, path):
     plt.close(fig)
 
 # -----------------------------------------------------------------------------
+# --causes: the suspects for muP with the transferred lr losing to SP tuned at each width
+
+# Each changes one setting (two for the unscaled weight decay) for the SP and the muP runs alike.
+_CAUSES = {
+    'none (the sweep setup)': {},
+    'base width 128, not 64': dict(base_width=128),
+    'head dim 64 at the base (1 head), not 16': dict(n_head=1),
+    'Adam eps 1e-12, not 1e-8': dict(adam_eps=1e-12),
+    'weight decay 0.1, hidden x m (MuAdamW)': dict(weight_decay=0.1),
+    'weight decay 0.1, not scaled': dict(weight_decay=0.1, mup_scale_weight_decay=False),
+    'hidden lr / sqrt(m), not / m': dict(mup_hidden_lr_exponent=0.5),
+}
+
+def study_causes(runner):
+    """For each suspect, at max_iters steps and the widest width: muP with the best lr of its base
+    width (a line search there) against SP at its own best lr. The gap is what transferring only
+    the lr costs; a suspect that closes it explains it."""
+    wide = max(widths)
+    def one(change):
+        make = lambda param, w: lambda **kw: dict(setting(param, w, it=max_iters, **kw), **change)
+        base_log2_lr, base_loss = line_search(runner, make('mup', change.get('base_width', base_width)), 'log2_lr', -8)
+        (mup_wide,) = evaluate(runner, [make('mup', wide)(log2_lr=base_log2_lr)])
+        sp_log2_lr, sp_wide = line_search(runner, make('sp', wide), 'log2_lr', -9, max_moves=6)
+        return dict(change=change, mup_base_log2_lr=base_log2_lr, mup_base=base_loss, mup_wide=mup_wide,
+                    sp_wide_log2_lr=sp_log2_lr, sp_wide=sp_wide)
+    with ThreadPoolExecutor(len(_CAUSES)) as pool:
+        futures = {name: pool.submit(one, change) for name, change in _CAUSES.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+def report_causes(results):
+    wide = max(widths)
+    print(f"\n{max_iters} steps; muP at width {wide} with its base width's best lr vs SP at its own best lr:")
+    print(f"{'suspect':<42} {'μP base':>14} {f'μP {wide}':>8} {f'SP {wide}':>15} {'gap':>7}")
+    for name, r in results.items():
+        print(f"{name:<42} {r['mup_base']:.3f} (2^{r['mup_base_log2_lr']}) {r['mup_wide']:>8.3f} "
+              f"{r['sp_wide']:.3f} (2^{r['sp_wide_log2_lr']}) {r['mup_wide'] - r['sp_wide']:>+7.3f}")
+
+# -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
     from tqdm import tqdm
@@ -326,15 +380,24 @@ if __name__ == '__main__':
     for d in ('results', 'assets'):
         os.makedirs(os.path.join(_HERE, d), exist_ok=True)
     fixed = dict(base_width=base_width, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
-                 warmup_iters=warmup_iters, grad_clip=grad_clip, weight_decay=weight_decay, eval_iters=eval_iters)
+                 warmup_iters=warmup_iters, grad_clip=grad_clip, weight_decay=weight_decay, eval_iters=eval_iters,
+                 mup_scale_weight_decay=mup_scale_weight_decay, adam_eps=adam_eps,
+                 mup_hidden_lr_exponent=mup_hidden_lr_exponent)
     runner = Runner(os.path.join(_HERE, 'results', f'{out}.json'), jobs, threads, device, fixed)
     print(f"runs cached in {runner.path} ({len(runner.records)} so far); {jobs} at a time, {threads} thread(s) each, on {device}")
     with tqdm(desc='train.py runs', unit='run') as runner.progress:
-        if tune:
+        if causes:
+            results = study_causes(runner)
+        elif tune:
             summary = compare(runner)
         else:
             table = sweep(runner)
-    if tune:
+    if causes:
+        report_causes(results)
+        with open(os.path.join(_HERE, 'results', f'{out}_causes.json'), 'w') as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote results/{out}_causes.json")
+    elif tune:
         report_compare(summary)
         with open(os.path.join(_HERE, 'results', f'{out}_tuned.json'), 'w') as f:
             json.dump(summary, f, indent=1)

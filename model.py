@@ -143,6 +143,7 @@ class GPTConfig:
     mup_output_mult: float = 1.0  # logits = output_mult * lm_head(x) / m
     mup_attn_mult: float = 1.0    # attention logit scale = attn_mult * sqrt(d_base) / d_head
     mup_scale_weight_decay: bool = True  # hidden matrices decay with weight_decay * m, so lr * wd is width-independent (as MuAdamW)
+    mup_hidden_lr_exponent: float = 1.0  # hidden Adam lr / m**exponent; 1 is muP. Other values only for the finite-width study (README)
     tie_weights: bool = True      # lm_head shares wte (nanoGPT). Untied: the readout starts at zero (MUP.md)
     # --- attention
     attn_mod: str = 'causal'      # one of ATTN_MODS, 'name' or 'name:arg'
@@ -202,6 +203,16 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+# The dense backend works through the scores in blocks, like a flash kernel's tiles but built from
+# plain ops: _DENSE_QUERY_BLOCK queries at a time see only the range of keys the mask lets some of
+# them attend to (causal attention skips 1/4 of the work at T = 256, 7/16 at T = 1024), and a
+# block holds about _DENSE_BLOCK_SCORES scores (8 MB in float32), so that every elementwise pass
+# (score_mod, mask, softmax, and their backward) runs in cache. Measured with bench.py's attention
+# shapes on a 2-core CPU: soft_cap at T = 256 went from ~1.6x to ~1.2x causal SDPA.
+_DENSE_QUERY_BLOCK = 128
+_DENSE_BLOCK_SCORES = 1 << 21
+
+
 def _vmap_bhqkv(fn, prefix):
     """Evaluate a mod at every (b, h, q_idx, kv_idx) with nested vmaps, as flex's own eager path
     does, so a mod written for flex means exactly the same thing here. `prefix` is the number of
@@ -211,10 +222,10 @@ def _vmap_bhqkv(fn, prefix):
     return fn
 
 
-def _bhqkv_indices(B, H, T, device):
-    """The (b, h, q_idx, kv_idx) index vectors of a (B, H, T, T) score matrix, and the same four
+def _bhqkv_indices(b_range, h_range, q_range, kv_range, device):
+    """The (b, h, q_idx, kv_idx) index vectors of a block of scores (four ranges), and the same four
     shaped to broadcast against each other (one mod call on them covers every element)."""
-    idx = [torch.arange(n, device=device) for n in (B, H, T, T)]
+    idx = [torch.arange(r.start, r.stop, device=device) for r in (b_range, h_range, q_range, kv_range)]
     b, h, q_idx, kv_idx = idx
     return idx, (b[:, None, None, None], h[None, :, None, None], q_idx[None, None, :, None], kv_idx[None, None, None, :])
 
@@ -318,7 +329,7 @@ class MuPFlexAttention(nn.Module):
         key = ('dense', B, T, str(device))
         if key not in self.block_mask_cache:
             self._make_room_in_mask_cache()
-            idx, broadcast_idx = _bhqkv_indices(B, self.n_head, T, device)
+            idx, broadcast_idx = _bhqkv_indices(range(B), range(self.n_head), range(T), range(T), device)
             mask = _vmap_bhqkv(self.mask_mod, prefix=0)(*idx) # the reference: flex's per-element meaning
             if not torch.compiler.is_compiling(): # the check is a graph break there, for a once-per-shape gain
                 try:
@@ -338,31 +349,72 @@ class MuPFlexAttention(nn.Module):
         if not self.has_score_mod and not self.capture:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=compact, scale=self.scale,
                                                   dropout_p=self.dropout if self.training else 0.0)
+        broadcasts, blocks, rows = self._dense_plan(q, k, compact)
+        return torch.cat([torch.cat([self._dense_block(q, k, v, compact, range(b0, min(B, b0 + rows)), q_range, kv_range,
+                                                       broadcasts) for q_range, kv_range in blocks], dim=2)
+                          for b0 in range(0, B, rows)])
+
+    def _dense_plan(self, q, k, compact):
+        """How the dense backend covers the scores, decided once per shape and cached with the masks
+        (every layer runs the same mods): whether score_mod may be called on broadcast indices,
+        the (query range, key range) blocks, and how many sequences a block takes."""
+        B, H, T, _ = q.shape
+        key = ('dense plan', B, T, str(q.device), self.capture)
+        if key in self.block_mask_cache:
+            return self.block_mask_cache[key]
+        if torch.compiler.is_compiling():
+            # the checks are data-dependent (graph breaks); inductor fuses the vmap path and the
+            # whole (B, H, T, T) computation anyway
+            return False, [(range(T), range(T))], B
+        broadcasts = False
+        if self.has_score_mod:
+            # One call on broadcast index tensors is much faster than nested vmaps, and means the
+            # same for an elementwise mod (every catalog mod): checked against vmap on these scores.
+            with torch.no_grad():
+                broadcasts = self._score_mod_broadcasts((q * self.scale) @ k.transpose(-2, -1))
+        if self.capture: # analyze_jacobian.py takes the whole (B, H, T, T) probabilities
+            blocks, rows = [(range(T), range(T))], B
+        else:
+            attended = torch.broadcast_to(compact.any(0).any(0), (T, T)) # by some sequence and head
+            blocks = []
+            for q0 in range(0, T, _DENSE_QUERY_BLOCK):
+                q_range = range(q0, min(T, q0 + _DENSE_QUERY_BLOCK))
+                keys = attended[q_range.start:q_range.stop].any(0).nonzero().flatten().tolist()
+                # no key at all: one (masked) key; the `attends` flag then zeroes the block's rows
+                blocks.append((q_range, range(keys[0], keys[-1] + 1) if keys else range(1)))
+            rows = max(1, _DENSE_BLOCK_SCORES // (H * _DENSE_QUERY_BLOCK * T))
+        self._make_room_in_mask_cache()
+        self.block_mask_cache[key] = broadcasts, blocks, rows
+        return broadcasts, blocks, rows
+
+    def _score_mod_broadcasts(self, score):
+        """Does score_mod on broadcast index tensors give what vmap gives element by element?"""
+        B, H, T, _ = score.shape
+        idx, broadcast_idx = _bhqkv_indices(range(B), range(H), range(T), range(T), score.device)
+        reference = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
+        try:
+            broadcast = torch.broadcast_to(self.score_mod(score, *broadcast_idx), reference.shape)
+        except (RuntimeError, IndexError, TypeError, ValueError):
+            return False # not written elementwise (e.g. a reduction over an index)
+        tol = 8 * torch.finfo(reference.dtype).eps
+        return torch.allclose(broadcast, reference, rtol=tol, atol=tol, equal_nan=True)
+
+    def _dense_block(self, q, k, v, compact, b_range, q_range, kv_range, broadcasts):
+        """Attention of the queries in q_range of the sequences in b_range over the keys in
+        kv_range (every key the mask lets them see), the dense way."""
+        b, qs, kvs = (slice(r.start, r.stop) for r in (b_range, q_range, kv_range))
+        q, k, v = q[b, :, qs], k[b, :, kvs], v[b, :, kvs]
+        # the compact mask's broadcast (size-1) dims stay whole
+        compact = compact[tuple(s if n > 1 else slice(None) for n, s in zip(compact.shape, (b, slice(None), qs, kvs)))]
         score = (q * self.scale) @ k.transpose(-2, -1) # scaling q costs T*head_dim multiplies, not T*T
         if self.has_score_mod:
-            idx, broadcast_idx = _bhqkv_indices(B, H, T, q.device)
-            # One call on broadcast index tensors is much faster than nested vmaps, and means the same
-            # for an elementwise mod (every catalog mod). Checked against vmap once per shape, on
-            # this score, and remembered with the masks (every layer runs the same mod). Not while
-            # torch.compile traces (the check is a graph break): it fuses vmap's batched ops anyway.
-            key = ('dense score_mod broadcasts', B, T, str(q.device))
-            if key not in self.block_mask_cache and not torch.compiler.is_compiling():
-                with torch.no_grad():
-                    reference = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
-                    try:
-                        broadcast = torch.broadcast_to(self.score_mod(score, *broadcast_idx), reference.shape)
-                        tol = 8 * torch.finfo(reference.dtype).eps
-                        ok = torch.allclose(broadcast, reference, rtol=tol, atol=tol, equal_nan=True)
-                    except (RuntimeError, IndexError, TypeError, ValueError):
-                        ok = False # not written elementwise (e.g. a reduction over an index)
-                self._make_room_in_mask_cache()
-                self.block_mask_cache[key] = ok
-            if self.block_mask_cache.get(key, False):
+            idx, broadcast_idx = _bhqkv_indices(b_range, range(self.n_head), q_range, kv_range, q.device)
+            if broadcasts:
                 score = torch.broadcast_to(self.score_mod(score, *broadcast_idx), score.shape)
             else:
                 score = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
-        # The mask as an additive bias: its backward is free, masked_fill's is one more (B, H, T, T)
-        # pass. Finite, so a fully masked row gives a uniform row instead of nan; the multiply by
+        # The mask as an additive bias: its backward is free, masked_fill's is one more pass over the
+        # scores. Finite, so a fully masked row gives a uniform row instead of nan; the multiply by
         # `attends` below makes it 0, as flex and SDPA give.
         bias = torch.zeros(compact.shape, dtype=score.dtype, device=q.device)
         bias.masked_fill_(~compact, torch.finfo(score.dtype).min / 2)
@@ -371,8 +423,8 @@ class MuPFlexAttention(nn.Module):
         if self.capture:
             probs = probs * attends
             probs.retain_grad()
-            self.captured_probs, self.captured_mask = probs, mask
-        return (self.attn_dropout(probs) @ v) * attends # (B, H, T, head_dim): cheaper than on probs
+            self.captured_probs, self.captured_mask = probs, compact.expand(probs.shape)
+        return (self.attn_dropout(probs) @ v) * attends # (rows, H, queries, head_dim): cheaper than on probs
 
     def attend(self, q, k, v):
         """q, k, v: (B, n_head, T, head_dim) -> (B, n_head, T, head_dim)."""
@@ -571,7 +623,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.clear_block_mask_cache()
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
         """AdamW with one param group per (kind, m). Each group carries `lr_scale`, its muP
         learning-rate multiplier (1/m for hidden matrices, 1 otherwise and under SP); the
         training loop sets lr = schedule(it) * lr_scale on every group."""
@@ -583,7 +635,8 @@ class GPT(nn.Module):
             if kind == 'hidden':
                 # muP (Table 8, MuAdamW): Adam lr of hidden matrices / m. Weight decay * m keeps the
                 # per-step decay lr*wd width-independent (optional, mup_scale_weight_decay).
-                lr_scale, wd = 1.0 / m, weight_decay * (m if self.config.mup_scale_weight_decay else 1.0)
+                lr_scale = m ** -self.config.mup_hidden_lr_exponent
+                wd = weight_decay * (1.0 / lr_scale if self.config.mup_scale_weight_decay else 1.0)
             elif kind == 'embedding':
                 lr_scale, wd = 1.0, weight_decay
             else:
@@ -602,7 +655,7 @@ class GPT(nn.Module):
         fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
         use_fused = fused_available and device_type == 'cuda'
         extra_args = dict(fused=True) if use_fused else dict()
-        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, eps=eps, **extra_args)
         return optimizer
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):

@@ -66,12 +66,14 @@ mup_input_mult = 1.0
 mup_output_mult = 1.0
 mup_attn_mult = 1.0
 mup_scale_weight_decay = True
+mup_hidden_lr_exponent = 1.0 # hidden lr / m**exponent: 1 is muP; others only to study finite width (README)
 # adamw optimizer
 learning_rate = 1e-3 # max learning rate (the base lr; muP groups scale it by their lr_scale)
 max_iters = 5000 # total number of training iterations
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.99
+adam_eps = 1e-8 # AdamW's default
 grad_clip = 1.0 # clip gradients at this value, or disable if == 0.0
 # learning rate decay settings
 decay_lr = True # whether to decay the learning rate
@@ -167,7 +169,8 @@ if os.path.exists(meta_path):
 # model init
 model_field_names = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'tie_weights',
                      'attn_mod', 'attn_backend', 'mup_base_width', 'mup_base_head_dim', 'init_std',
-                     'mup_input_mult', 'mup_output_mult', 'mup_attn_mult', 'mup_scale_weight_decay']
+                     'mup_input_mult', 'mup_output_mult', 'mup_attn_mult', 'mup_scale_weight_decay',
+                     'mup_hidden_lr_exponent']
 model_args = {k: config[k] for k in model_field_names if k in config}
 model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
 iter_num = 0
@@ -231,7 +234,7 @@ if master_process:
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 # optimizer: one group per muP class, each with its lr_scale
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, adam_eps)
 if checkpoint is not None:
     # load_state_dict also restores the saved hyperparameters (weight_decay, betas): keep this run's
     hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]

@@ -120,9 +120,9 @@ def test_elementwise_mods_take_the_broadcast_path_with_a_compact_mask():
     attn = attention(MuPFlexAttention, 'dense', 'alibi')
     attn.attend(*(torch.randn(B, H, T, D) for _ in range(3)))
     cache = attn.block_mask_cache
-    assert cache['dense score_mod broadcasts', B, T, 'cpu'] is True
+    assert cache['dense plan', B, T, 'cpu', False][0] is True # (broadcasts, blocks, rows)
     assert cache['dense', B, T, 'cpu'].shape == (1, 1, T, T) # causal depends on neither b nor h
     assert attn._dense_mask(B, T, torch.device('cpu')).shape == (B, H, T, T)
     not_elementwise = attention(RowSumBias, 'dense')
     not_elementwise.attend(*(torch.randn(B, H, T, D) for _ in range(3)))
-    assert not_elementwise.block_mask_cache['dense score_mod broadcasts', B, T, 'cpu'] is False
+    assert not_elementwise.block_mask_cache['dense plan', B, T, 'cpu', False][0] is False

@@ -81,6 +81,51 @@ def test_every_mod_dense_matches_flex_forward(name):
         torch.testing.assert_close(flex.attend(q, k, v), dense.attend(q, k, v), rtol=0, atol=1e-5)
 
 
+# a score_mod and a mask that differ per sequence: a block given the wrong b would compute another
+MODS_BY_SEQUENCE = {'per_sequence': ('causal', with_mods(document_mask(DOC_IDS),
+                                                         lambda score, b, h, q_idx, kv_idx: score + 0.3 * (b + 1) * kv_idx))}
+
+
+@pytest.mark.parametrize('name', ['alibi', 'alibi_learned', 'soft_cap', 'per_sequence', 'sliding_window+soft_cap'])
+def test_dense_in_blocks_equals_one_block(name, monkeypatch):
+    """With a score_mod, the dense backend takes a block of queries of a few sequences at a time,
+    over only the keys the mask lets them see. Forcing small blocks (4 queries, one sequence) must
+    give the output and gradients of one (B, H, T, T) block, and skip the keys no query sees."""
+    if name in MODS:
+        attn = attention(name)
+    elif name in MODS_BY_SEQUENCE:
+        attn_mod, cls = MODS_BY_SEQUENCE[name]
+        attn = cls(config(attn_mod, attn_backend='dense'))
+    else:
+        attn = MuPFlexAttention(config('soft_cap:0.5', attn_backend='dense'))
+        attn._mask_fn = sliding_window(3)
+    captured = [p for n, p in attn.named_parameters() if not n.startswith(('c_attn', 'c_proj'))]
+    q, k, v = (t.requires_grad_() for t in qkv())
+    blocks = []
+    dense_block = attn._dense_block
+    monkeypatch.setattr(attn, '_dense_block', lambda *a: blocks.append(a[4:7]) or dense_block(*a))
+
+    def run():
+        attn.clear_block_mask_cache()
+        blocks.clear()
+        out = attn.attend(q, k, v)
+        return [out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                          [q, k, v, *captured])]
+
+    monkeypatch.setattr(model_module, '_DENSE_QUERY_BLOCK', T)
+    whole = run()
+    assert blocks == [(range(B), range(T), range(T))]
+    monkeypatch.setattr(model_module, '_DENSE_QUERY_BLOCK', 4)
+    monkeypatch.setattr(model_module, '_DENSE_BLOCK_SCORES', N_HEAD * 4 * T) # one sequence per block
+    in_blocks = run()
+    # the first key some query of the block sees, in some sequence (DOC_IDS: query 8..11 never sees 0, 1)
+    first_key = {'sliding_window+soft_cap': [0, 2, 6], 'per_sequence': [0, 0, 2]}.get(name, [0, 0, 0])
+    assert blocks == [(range(b, b + 1), range(q0, q0 + 4), range(first_key[q0 // 4], q0 + 4))
+                      for b in range(B) for q0 in (0, 4, 8)]
+    for a, b in zip(whole, in_blocks):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('name', NOT_CAUSAL)
 def test_every_mod_changes_the_output_vs_causal(name):
     q, k, v = qkv()
