@@ -12,7 +12,7 @@ $ python lr_transfer.py                                   # the default grid, ~2
 $ python lr_transfer.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,-9,-8,-7,-6 --device=cuda --jobs=8
 $ python lr_transfer.py --seeds=1337,1338,1339            # several seeds: the best lr of the mean loss
 $ python lr_transfer.py --tune=True --horizons=150,1000 --device=cuda --jobs=12 --out=lr_transfer_cuda
-$ python lr_transfer.py --causes=True --widths=64,512 --out=lr_transfer_causes
+$ python lr_transfer.py --causes=True --widths=64,512 --out=lr_transfer_causes   # results/<out>_summary.json
 
 --tune=True answers "does muP pay off?": at every horizon (max_iters) it tunes at the base width
 the muTransfer hyperparameters (lr, mup_output_mult, mup_attn_mult, mup_input_mult, init_std) by
@@ -394,9 +394,9 @@ if __name__ == '__main__':
             table = sweep(runner)
     if causes:
         report_causes(results)
-        with open(os.path.join(_HERE, 'results', f'{out}_causes.json'), 'w') as f:
+        with open(os.path.join(_HERE, 'results', f'{out}_summary.json'), 'w') as f:
             json.dump(results, f, indent=1)
-        print(f"\nwrote results/{out}_causes.json")
+        print(f"\nwrote results/{out}_summary.json")
     elif tune:
         report_compare(summary)
         with open(os.path.join(_HERE, 'results', f'{out}_tuned.json'), 'w') as f:
