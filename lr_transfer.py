@@ -331,16 +331,18 @@ def plot_compare(summary, path):
 # -----------------------------------------------------------------------------
 # --causes: the suspects for muP with the transferred lr losing to SP tuned at each width
 
-# Each changes one setting (two for the unscaled weight decay) for the SP and the muP runs alike.
-_CAUSES = {
-    'none (the sweep setup)': {},
-    'base width 128, not 64': dict(base_width=128),
-    'head dim 64 at the base (1 head), not 16': dict(n_head=1),
-    'Adam eps 1e-12, not 1e-8': dict(adam_eps=1e-12),
-    'weight decay 0.1, hidden x m (MuAdamW)': dict(weight_decay=0.1),
-    'weight decay 0.1, not scaled': dict(weight_decay=0.1, mup_scale_weight_decay=False),
-    'hidden lr / sqrt(m), not / m': dict(mup_hidden_lr_exponent=0.5),
-}
+def suspects():
+    """name -> the settings it changes (one; two for the unscaled weight decay), for the SP and the
+    muP runs alike."""
+    return {
+        'none (the sweep setup)': {},
+        f'base width {2 * base_width}, not {base_width}': dict(base_width=2 * base_width),
+        f'head dim {base_width} at the base (1 head), not {base_width // n_head}': dict(n_head=1),
+        f'Adam eps 1e-12, not {adam_eps:g}': dict(adam_eps=1e-12),
+        'weight decay 0.1, hidden x m (MuAdamW)': dict(weight_decay=0.1, mup_scale_weight_decay=True),
+        'weight decay 0.1, not scaled': dict(weight_decay=0.1, mup_scale_weight_decay=False),
+        'hidden lr / sqrt(m), not / m': dict(mup_hidden_lr_exponent=0.5),
+    }
 
 def study_causes(runner):
     """For each suspect, at max_iters steps and the widest width: muP with the best lr of its base
@@ -354,8 +356,8 @@ def study_causes(runner):
         sp_log2_lr, sp_wide = line_search(runner, make('sp', wide), 'log2_lr', -9, max_moves=6)
         return dict(change=change, mup_base_log2_lr=base_log2_lr, mup_base=base_loss, mup_wide=mup_wide,
                     sp_wide_log2_lr=sp_log2_lr, sp_wide=sp_wide)
-    with ThreadPoolExecutor(len(_CAUSES)) as pool:
-        futures = {name: pool.submit(one, change) for name, change in _CAUSES.items()}
+    with ThreadPoolExecutor(len(suspects())) as pool:
+        futures = {name: pool.submit(one, change) for name, change in suspects().items()}
         return {name: f.result() for name, f in futures.items()}
 
 def report_causes(results):
