@@ -263,9 +263,10 @@ def tune_mup(runner, it, start_log2_lr):
             lr_only = dict(hp)
     return hp, loss, lr_only, trace
 
-def sp_best_lr(runner, width, it, start_log2_lr, mults=NEUTRAL):
-    """SP's best lr at this width and horizon, with the given multipliers and init std."""
-    return line_search(runner, lambda **kw: setting('sp', width, it=it, **dict(mults, **kw)),
+def sp_best_lr(runner, width, it, start_log2_lr, hparams=NEUTRAL):
+    """SP's best lr at this width and horizon, with the given multipliers and init std (or any
+    other setting a run may change, such as a --causes suspect's)."""
+    return line_search(runner, lambda **kw: setting('sp', width, it=it, **dict(hparams, **kw)),
                        'log2_lr', start_log2_lr, max_moves=6)
 
 def compare(runner):
@@ -350,10 +351,11 @@ def study_causes(runner):
     the lr costs; a suspect that closes it explains it."""
     wide = max(widths)
     def one(change):
-        make = lambda param, w: lambda **kw: dict(setting(param, w, it=max_iters, **kw), **change)
-        base_log2_lr, base_loss = line_search(runner, make('mup', change.get('base_width', base_width)), 'log2_lr', -8)
-        (mup_wide,) = evaluate(runner, [make('mup', wide)(log2_lr=base_log2_lr)])
-        sp_log2_lr, sp_wide = line_search(runner, make('sp', wide), 'log2_lr', -9, max_moves=6)
+        base = change.get('base_width', base_width)
+        base_log2_lr, base_loss = line_search(runner, lambda **kw: setting('mup', base, it=max_iters, **change, **kw),
+                                              'log2_lr', -8)
+        (mup_wide,) = evaluate(runner, [setting('mup', wide, base_log2_lr, max_iters, **change)])
+        sp_log2_lr, sp_wide = sp_best_lr(runner, wide, max_iters, -9, change)
         return dict(change=change, mup_base_log2_lr=base_log2_lr, mup_base=base_loss, mup_wide=mup_wide,
                     sp_wide_log2_lr=sp_log2_lr, sp_wide=sp_wide)
     with ThreadPoolExecutor(len(suspects())) as pool:
