@@ -173,7 +173,7 @@ def mask_overheads(model, B, T, device, repeats=200):
         for attn in layers:
             backend = attn.resolve_backend(device)
             if backend == 'dense':
-                attn._dense_mask(B, T, device)
+                attn._compact_dense_mask(B, T, device)
             elif backend == 'flex':
                 attn._block_mask(B, T, device)
     layers[0].clear_block_mask_cache()

@@ -322,10 +322,14 @@ class MuPFlexAttention(nn.Module):
         return self.block_mask_cache[key]
 
     def _dense_mask(self, B, T, device):
-        """The dense backend's boolean mask as a (B, n_head, T, T) view. A mask_mod that gives on
-        broadcast index tensors exactly what it gives element by element (every catalog mod) is
-        cached with only the dims it depends on (causal: (1, 1, T, T)): T^2 memory, not B*H*T^2,
-        and SDPA takes that compact mask as fast as is_causal. Others keep the vmap evaluation."""
+        """The dense backend's boolean mask as a (B, n_head, T, T) view of the cached one."""
+        return self._compact_dense_mask(B, T, device).expand(B, self.n_head, T, T)
+
+    def _compact_dense_mask(self, B, T, device):
+        """The dense backend's boolean mask, cached. A mask_mod that gives on broadcast index
+        tensors exactly what it gives element by element (every catalog mod) is kept with only the
+        dims it depends on (causal: (1, 1, T, T)): T^2 memory, not B*H*T^2, and SDPA takes that
+        compact mask as fast as is_causal. Others keep the (B, n_head, T, T) vmap evaluation."""
         key = ('dense', B, T, str(device))
         if key not in self.block_mask_cache:
             self._make_room_in_mask_cache()
@@ -339,13 +343,11 @@ class MuPFlexAttention(nn.Module):
                 except (RuntimeError, IndexError, TypeError, ValueError):
                     pass # not written elementwise (e.g. a reduction over an index): keep the vmap result
             self.block_mask_cache[key] = mask
-        return self.block_mask_cache[key].expand(B, self.n_head, T, T)
+        return self.block_mask_cache[key]
 
     def _dense(self, q, k, v):
         B, H, T, _ = q.shape
-        mask = self._dense_mask(B, T, q.device)
-        # the cached mask without the expand (broadcast dims have stride 0): ops on it stay compact
-        compact = mask[tuple(slice(None) if stride else slice(1) for stride in mask.stride())]
+        compact = self._compact_dense_mask(B, T, q.device) # ops on it stay compact
         if not self.has_score_mod and not self.capture:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=compact, scale=self.scale,
                                                   dropout_p=self.dropout if self.training else 0.0)
