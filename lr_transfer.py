@@ -358,8 +358,9 @@ def study_causes(runner):
         sp_log2_lr, sp_wide = sp_best_lr(runner, wide, max_iters, -9, change)
         return dict(change=change, mup_base_log2_lr=base_log2_lr, mup_base=base_loss, mup_wide=mup_wide,
                     sp_wide_log2_lr=sp_log2_lr, sp_wide=sp_wide)
-    with ThreadPoolExecutor(len(suspects())) as pool:
-        futures = {name: pool.submit(one, change) for name, change in suspects().items()}
+    changes = suspects()
+    with ThreadPoolExecutor(len(changes)) as pool:
+        futures = {name: pool.submit(one, change) for name, change in changes.items()}
         return {name: f.result() for name, f in futures.items()}
 
 def report_causes(results):
