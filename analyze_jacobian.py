@@ -8,8 +8,8 @@ A local learning rule keeps only the Jacobian's diagonal, dA_i/ds_i = A_i (1 - A
 and a straight-through estimator passes g_ste = g unchanged.
 
 The script trains a small softmax GPT (or loads a train.py checkpoint), runs one diagnostic
-batch through the model's own attention code in capture mode (MuPFlexAttention.capture: the
-dense backend keeps the post-softmax probabilities A and, after backward, g = dL/dA), and
+batch through a copy of it whose attention is a MuPFlexAttention subclass that computes the
+probabilities A with the model's own dense code and keeps them (after backward, g = dL/dA), and
 reports per layer and head:
   mean_A     mean of A over the unmasked (q, k) entries. Rows sum to 1, so this is fixed by the
              mask (2/(T+1) for causal attention); it checks the capture, not the model
@@ -31,20 +31,22 @@ $ python analyze_jacobian.py --ckpt=out-shakespeare-char --batch_size=8   # a tr
 Writes OUT/jacobian.json (every number) and OUT/jacobian.png (r_diag and cos_diag heatmaps).
 """
 
+import contextlib
+import io
 import json
 import os
 import pickle
 import runpy
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from configurator import configure
-from model import GPT, GPTConfig, MuPFlexAttention
+from model import GPT, GPTConfig, MuPFlexAttention, attention_probs, set_lr
 
 # -----------------------------------------------------------------------------
 # settings, each overridable with --key=value
@@ -113,27 +115,26 @@ def attention_stats(A, g, mask):
 # -----------------------------------------------------------------------------
 # the model: capture, data, training, checkpoint
 
+class CapturingAttention(MuPFlexAttention):
+    """The model's attention computed densely, keeping the probabilities A (after backward, A.grad
+    is dL/dA) and the mask they were computed under."""
+    def attend(self, q, k, v, mask):
+        self.probs = attention_probs(q, k, mask, self.active_score_mod(), self.scale)
+        self.probs.retain_grad()
+        self.mask = mask.expand(self.probs.shape)
+        return self.probs @ v
+
 def capture_attention(model, x, y):
-    """One forward and backward in eval mode (no dropout) with every MuPFlexAttention in capture
-    mode. Returns the loss and, per layer, (A, dL/dA, mask), each (B, n_head, T, T)."""
-    attns = [m for m in model.modules() if isinstance(m, MuPFlexAttention)]
-    was_training = model.training
-    model.eval()
-    for attn in attns:
-        attn.capture = True
-    try:
-        model.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
-        loss.backward()
-        layers = []
-        for attn in attns:
-            layers.append((attn.captured_probs.detach(), attn.captured_probs.grad, attn.captured_mask))
-    finally:
-        for attn in attns:
-            attn.capture, attn.captured_probs, attn.captured_mask = False, None, None
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return loss.item(), layers
+    """One forward and backward of a capturing copy of `model` (same weights, dense backend, eval
+    mode: no dropout). Returns the loss and, per layer, (A, dL/dA, mask), each (B, n_head, T, T)."""
+    with contextlib.redirect_stdout(io.StringIO()): # GPT prints its parameter count
+        twin = GPT(replace(model.config, attn_backend='dense'), CapturingAttention).to(x.device)
+    twin.load_state_dict(model.state_dict())
+    twin.eval()
+    _, loss = twin(x, y)
+    loss.backward()
+    attns = [m for m in twin.modules() if isinstance(m, CapturingAttention)]
+    return loss.item(), [(a.probs.detach(), a.probs.grad, a.mask) for a in attns]
 
 def analyze(model, x, y):
     """Loss on (x, y) and {name: (n_layer, n_head) float64 tensor} of attention_stats."""
@@ -166,8 +167,7 @@ def get_batch(data_dir, split, batch_size, block_size, generator, device):
 def train(model, data_dir, steps, batch_size, device):
     """AdamW at the constant lr 1e-3 (no schedule: issue 5 fixes it). Returns the last loss."""
     optimizer = model.configure_optimizers(_WEIGHT_DECAY, _LR, _BETAS, torch.device(device).type)
-    for group in optimizer.param_groups:
-        group['lr'] = _LR * group['lr_scale'] # muP: each group's lr multiplier, as train.py
+    set_lr(optimizer, _LR) # each muP group at _LR * its lr_scale, as train.py
     generator = torch.Generator().manual_seed(_SEED)
     model.train()
     bar = tqdm(range(steps), desc='training')

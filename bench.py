@@ -55,26 +55,27 @@ seed = 1337
 out_file = 'bench.json'
 # -----------------------------------------------------------------------------
 
-# An argument for every catalog mod that takes one (ATTN_MODS[name][1] is not None).
-MOD_EXAMPLE_ARGS = {'sliding_window': '128', 'prefix_lm': '32', 'soft_cap': '20'}
+# every mod of the catalog, with an example argument where it takes one
+CATALOG = ('causal', 'sliding_window:128', 'prefix_lm:32', 'alibi', 'alibi:learned', 'soft_cap:20')
 BACKENDS = ('auto', 'sdpa', 'flex', 'dense')
 
 
 class DirectSDPA(MuPFlexAttention):
     """The reference the backends are measured against: causal attention that calls SDPA and
-    nothing else (no backend choice, no mods), with the same muP logit scale."""
-    def attend(self, q, k, v):
+    nothing else (no backend choice, no mask, no mods), with the same muP logit scale."""
+    def make_mask(self, B, T, device):
+        return None
+
+    def attend(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
                                               dropout_p=self.dropout if self.training else 0.0)
 
 
 def catalog_specs():
-    """'name' or 'name:arg' for every mod of model.ATTN_MODS."""
-    missing = [n for n, (_, arg_doc) in ATTN_MODS.items() if arg_doc is not None and n not in MOD_EXAMPLE_ARGS]
+    missing = set(ATTN_MODS) - {parse_attn_mod(spec)[0] for spec in CATALOG}
     if missing:
-        raise ValueError(f"catalog mods {missing} take an argument: add an example value for each to "
-                         f"bench.MOD_EXAMPLE_ARGS")
-    return [f"{n}:{MOD_EXAMPLE_ARGS[n]}" if arg_doc is not None else n for n, (_, arg_doc) in ATTN_MODS.items()]
+        raise ValueError(f"catalog mods {sorted(missing)} are not benchmarked: add them to bench.CATALOG")
+    return CATALOG
 
 
 def synchronize(device):
@@ -157,36 +158,22 @@ def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, p
         row['ms_per_step'] = statistics.median(row['times_ms'])
         row['tokens_per_s'] = batch_size * cfg.block_size / (row['ms_per_step'] / 1e3)
         row['mfu'] = model.estimate_mfu(batch_size, row['ms_per_step'] / 1e3, peak)
-        # DirectSDPA does no bookkeeping at all
-        row.update(dict(overhead_ms=0.0, mask_build_ms=0.0) if row['backend'] == 'sdpa-direct'
-                   else mask_overheads(model, batch_size, cfg.block_size, device))
-        row['overhead_pct'] = 100 * row['overhead_ms'] / row['ms_per_step']
+        row.update(mask_overheads(model, batch_size, cfg.block_size, device))
+        row['mask_pct'] = 100 * row['mask_ms'] / row['ms_per_step']
     return rows, peak
 
 
-def mask_overheads(model, B, T, device, repeats=200):
-    """What one training step spends on attention bookkeeping outside the math, every layer:
-    choosing the backend and fetching the cached mask (a cache hit); and the one-off cost of
-    building the mask (a cache miss, paid once per shape)."""
-    layers = [block.attn for block in model.transformer.h]
-    def fetch():
-        for attn in layers:
-            backend = attn.resolve_backend(device)
-            if backend == 'dense':
-                attn._compact_dense_mask(B, T, device)
-            elif backend == 'flex':
-                attn._block_mask(B, T, device)
-    layers[0].clear_block_mask_cache()
+def mask_overheads(model, B, T, device, repeats=20):
+    """What one training step spends on attention masks: GPT.forward builds one per pattern (the
+    backend's choice included), every step."""
+    patterns = {(type(block.attn), block.attn.attn_mod): block.attn for block in model.transformer.h}
     synchronize(device)
-    t0 = time.perf_counter()
-    fetch()
-    synchronize(device)
-    build = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(repeats):
-        fetch()
+        for attn in patterns.values():
+            attn.make_mask(B, T, device)
     synchronize(device)
-    return dict(overhead_ms=1e3 * (time.perf_counter() - t0) / repeats, mask_build_ms=1e3 * build)
+    return dict(mask_ms=1e3 * (time.perf_counter() - t0) / repeats)
 
 
 def train_ratios(rows):
@@ -207,11 +194,11 @@ def train_ratios(rows):
 
 def print_train(rows, ratios):
     print(f"\n{'backend':<13}{'runs on':<15}{'param':<6}{'compile':<9}{'ms/step':>9}{'tokens/s':>10}"
-          f"{'MFU':>8}{'loss@0':>9}{'mask ovh':>10}{'mask build':>12}")
+          f"{'MFU':>8}{'loss@0':>9}{'mask/step':>14}")
     for r in rows:
         print(f"{r['backend']:<13}{r['resolved']:<15}{r['param']:<6}{str(r['compile']):<9}{r['ms_per_step']:9.1f}"
-              f"{r['tokens_per_s']:10.0f}{100 * r['mfu']:7.1f}%{r['first_loss']:9.4f}{r['overhead_pct']:9.3f}%"
-              f"{r['mask_build_ms']:10.2f}ms")
+              f"{r['tokens_per_s']:10.0f}{100 * r['mfu']:7.1f}%{r['first_loss']:9.4f}{r['mask_ms']:7.3f}ms"
+              f" {r['mask_pct']:5.2f}%")
     for name, values in ratios.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
 
@@ -243,11 +230,13 @@ def attention_rows(specs, seq_lens, B, n_head, head_dim, device, ptdtype, backen
                 cfg = GPTConfig(block_size=T, n_head=n_head, n_embd=n_head * head_dim, attn_mod=spec,
                                 attn_backend=backend)
                 attn = MuPFlexAttention(cfg).to(device, ptdtype)
-                if backend == 'sdpa' and not attn.is_plain_causal:
+                if backend == 'sdpa' and parse_attn_mod(spec)[0] != 'causal':
                     continue
+                mask = attn.make_mask(B, T, device) # built once per forward in GPT: not timed here
                 for compiled in compiles:
                     name = backend + ('+compile' if compiled else '')
-                    fns[f"{spec} {name}"] = fwd_bwd(torch.compile(attn.attend) if compiled else attn.attend,
+                    attend = torch.compile(attn.attend) if compiled else attn.attend
+                    fns[f"{spec} {name}"] = fwd_bwd(lambda q, k, v, attend=attend, mask=mask: attend(q, k, v, mask),
                                                     q, k, v, grad_out)
                     rows.append(dict(mod=spec, backend=name, T=T))
         times = time_interleaved(fns, device, warmup, iters)
@@ -283,7 +272,9 @@ def gpu_checks(device, ptdtype):
     def flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION): # fail rather than time another kernel
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=flex.scale)
-    fns = {'flash': fwd_bwd(flash, q, k, v, grad_out), 'flex': fwd_bwd(flex.attend, q, k, v, grad_out)}
+    block_mask = flex.make_mask(B, T, device)
+    fns = {'flash': fwd_bwd(flash, q, k, v, grad_out),
+           'flex': fwd_bwd(lambda q, k, v: flex.attend(q, k, v, block_mask), q, k, v, grad_out)}
     times = time_interleaved(fns, device, warmup, iters)
     results['flex_vs_flash'] = dict(B=B, H=H, T=T, head_dim=D, dtype='bfloat16',
                                     flash_ms=statistics.median(times['flash']), flex_ms=statistics.median(times['flex']),
@@ -302,7 +293,7 @@ def gpu_checks(device, ptdtype):
                                               attn_backend=backend)).to(device)
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(2, 256, 256, generator=g).to(device).requires_grad_()
-            (attn(x) * torch.randn(2, 256, 256, generator=g).to(device)).sum().backward()
+            (attn(x, attn.make_mask(2, 256, device)) * torch.randn(2, 256, 256, generator=g).to(device)).sum().backward()
             grads[backend] = {'input': x.grad, **{n: p.grad for n, p in attn.named_parameters()}}
         rel = {n: ((grads['flex'][n] - grads['dense'][n]).abs().max() / grads['dense'][n].abs().max()).item()
                for n in grads['dense']}

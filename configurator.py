@@ -8,13 +8,28 @@ A script declares its defaults as module-level globals and then calls
 Arguments without '--' are config files (plain Python, run in order), and
 '--key=value' arguments override single keys. Unlike nanoGPT's exec-based
 version, every key and value is checked against the defaults, so a typo fails
-loudly instead of silently training with the default.
+loudly instead of silently training with the default. A bad setting or input
+raises ConfigError, which a script that called configure() reports in one line,
+without a traceback, and exits non-zero (real bugs keep their traceback).
 """
 
 import ast
 import difflib
 import os
+import sys
+import traceback
 import types
+
+
+class ConfigError(ValueError):
+    """A bad setting or input file: the message names it, its value and the fix."""
+
+
+def _report(exc_type, exc, tb):
+    if issubclass(exc_type, ConfigError):
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
 
 _SCALARS = (bool, int, float, str)
 
@@ -41,12 +56,12 @@ def _parse(text):
         return text
 
 def _check(key, value, default, raw=None):
-    """Return value converted to the type of default, or raise ValueError.
+    """Return value converted to the type of default, or raise ConfigError.
     raw is the command-line text; it allows conveniences (bare strings, true/1,
     comma-separated lists) that would be too loose in a Python config file."""
     def bad(hint=""):
         given = raw if raw is not None else repr(value)
-        return ValueError(f"config key '{key}' expects {_type_name(default)}, got {given}{hint}")
+        return ConfigError(f"config key '{key}' expects {_type_name(default)}, got {given}{hint}")
 
     if isinstance(default, (tuple, list)):
         if raw is not None and isinstance(value, str):
@@ -89,7 +104,7 @@ def _check(key, value, default, raw=None):
 def _unknown(key, keys, where):
     close = difflib.get_close_matches(key, keys, n=3)
     hint = f"did you mean {' or '.join(close)}?" if close else "run with --help to list the valid keys"
-    return ValueError(f"unknown config key '{key}' {where}; {hint}")
+    return ConfigError(f"unknown config key '{key}' {where}; {hint}")
 
 def _print_help(config, keys):
     print("usage: python <script>.py [config/<file>.py ...] [--key=value ...]")
@@ -100,15 +115,19 @@ def _print_help(config, keys):
 def _run_config_file(path, config, keys, verbose):
     if not os.path.isfile(path):
         hint = f"; did you mean --{path}?" if '=' in path else ""
-        raise FileNotFoundError(
+        raise ConfigError(
             f"config file '{path}' not found: config files live under config/ "
             f"(e.g. config/<name>.py) and overrides are written --key=value{hint}")
     if verbose:
         print(f"Overriding config with {path}")
-    with open(path) as f:
-        code = compile(f.read(), path, 'exec')
     namespace = {'__file__': path, '__name__': '__config__'}
-    exec(code, namespace)
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, 'exec'), namespace)
+    except Exception as e: # the user's file, not our code: name the file and the line
+        line = e.lineno if isinstance(e, SyntaxError) else [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                                                             if f.filename == path][-1]
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     for k, v in namespace.items():
         # config files may import and define helpers to compute their values
         if k.startswith('_') or isinstance(v, types.ModuleType) or callable(v):
@@ -117,14 +136,15 @@ def _run_config_file(path, config, keys, verbose):
             raise _unknown(k, keys, f"in {path}")
         try:
             config[k] = _check(k, v, config[k])
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if verbose:
             print(f"Overriding: {k} = {config[k]!r}")
 
 def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
     """Apply config files and --key=value overrides from argv to config (a
     script's globals()) in place; return a dict of the configurable keys."""
+    sys.excepthook = _report
     keys = [k for k, v in config.items() if _is_configurable(k, v)]
     if '-h' in argv or '--help' in argv:
         _print_help(config, keys)
@@ -135,7 +155,7 @@ def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
             continue
         if not arg.startswith('--') or '=' not in arg:
             example = f"{arg}=True" if arg[2:] in keys and isinstance(config[arg[2:]], bool) else "--key=value"
-            raise ValueError(f"can't parse argument '{arg}': overrides are written {example}")
+            raise ConfigError(f"can't parse argument '{arg}': overrides are written {example}")
         key, raw = arg[2:].split('=', 1)
         if key not in keys:
             raise _unknown(key, keys, f"(from {arg})")

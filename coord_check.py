@@ -30,7 +30,7 @@ import sys
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, set_lr
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
@@ -114,8 +114,7 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99)):
             hooks.append(getattr(block, part).register_forward_hook(hook))
     with contextlib.redirect_stdout(io.StringIO()): # configure_optimizers prints its groups
         optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu')
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group['lr_scale']
+    set_lr(optimizer, lr)
     h, dh, losses, first = [], [], [], None
     model.train()
     try:

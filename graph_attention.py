@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from model import GPT, GPTConfig, MuPFlexAttention
+from model import GPT, GPTConfig, MuPFlexAttention, set_lr
 
 
 class Graph(NamedTuple):
@@ -105,24 +105,22 @@ class GraphAttention(MuPFlexAttention):
         self.graph = None
 
     def set_graph(self, graph):
-        """Use `graph` (from graph_tensors) until the next call. Clears the shared mask cache:
-        the mask depends on the graph, not only on the shape."""
+        """Use `graph` (from graph_tensors) until the next call; the next forward builds its mask."""
         max_type, max_distance = graph.edge_type.max().item() - 1, graph.distance.max().item()
         if max_type >= self.num_edge_types or max_distance > self.max_distance:
             raise ValueError(f"graph has edge type {max_type} and distance {max_distance}, but this layer was built "
                              f"with num_edge_types={self.num_edge_types}, max_distance={self.max_distance}: "
                              f"build the graph with the layer's values")
         self.graph = graph
-        self.clear_block_mask_cache()
 
-    def forward(self, x):
+    def make_mask(self, B, T, device):
         if self.graph is None:
             raise RuntimeError("GraphAttention has no graph: call set_graph(graph_tensors(...)) on every layer first")
-        if self.graph.adjacency.shape != (x.size(0), x.size(1), x.size(1)):
+        if self.graph.adjacency.shape != (B, T, T):
             raise ValueError(f"graph tensors have shape {tuple(self.graph.adjacency.shape)} but the batch is "
-                             f"{x.size(0)} sequences of {x.size(1)} nodes: build one graph per sequence, "
+                             f"{B} sequences of {T} nodes: build one graph per sequence, "
                              f"with num_nodes = sequence length")
-        return super().forward(x)
+        return super().make_mask(B, T, device)
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         return self.graph.adjacency[b, q_idx, kv_idx]
@@ -212,8 +210,7 @@ if __name__ == '__main__':
         t0 = time.time()
         for it in range(max_iters):
             lr = learning_rate * min(1.0, (it + 1) / 20) # short warmup
-            for group in optimizer.param_groups:
-                group['lr'] = lr * group['lr_scale'] # muP: each group's lr_scale, as train.py
+            set_lr(optimizer, lr) # each muP group at lr * its lr_scale, as train.py
             colours, labels, graph = batch(data)
             set_graph(model, graph)
             _, loss = model(colours, labels)

@@ -50,7 +50,8 @@ widths = [64, 128, 256, 512]
 base_width = 64 # mup_base_width of the muP runs
 log2_lrs = [-12, -11, -10, -9, -8, -7, -6] # the x2 grid: learning_rate = 2**k
 seeds = [1337] # several: the best lr is the one with the lowest mean val loss over seeds
-# MUP.md's reference setup
+# the reference setup of docs/mup.md
+dataset = 'shakespeare_char'
 n_layer = 2
 n_head = 4
 batch_size = 16
@@ -85,8 +86,9 @@ class Runner:
     """Runs train.py for a list of settings, at most `jobs` at a time, and caches every result
     in a JSON file, written atomically after each run (so Ctrl-C loses at most the runs in flight)."""
 
-    def __init__(self, path, jobs, threads, device, fixed):
-        self.path, self.threads, self.device, self.fixed = path, threads, device, fixed
+    def __init__(self, path, jobs, threads, device, fixed, cwd=_HERE):
+        """fixed: the settings every run shares, dataset included (read from cwd/data/<dataset>)."""
+        self.path, self.threads, self.device, self.fixed, self.cwd = path, threads, device, fixed, cwd
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(jobs)
         self.records = []
@@ -128,7 +130,7 @@ class Runner:
         """One train.py run; returns its final losses (None when it diverged) and wall time."""
         it = run['max_iters']
         lr = 2.0 ** run['log2_lr']
-        args = dict(device=run['device'], compile=False, n_layer=run['n_layer'], n_head=run['n_head'],
+        args = dict(device=run['device'], dataset=run['dataset'], compile=False, n_layer=run['n_layer'], n_head=run['n_head'],
                     n_embd=run['width'], mup_base_width=run['base_width'] if run['param'] == 'mup' else 0,
                     batch_size=run['batch_size'], block_size=run['block_size'], dropout=0.0,
                     learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, warmup_iters=run['warmup_iters'],
@@ -141,8 +143,8 @@ class Runner:
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         t0 = time.time()
         try:
-            proc = subprocess.run([sys.executable, 'train.py', *(f'--{k}={v}' for k, v in args.items()),
-                                   f'--out_dir={out_dir}'], cwd=_HERE, env=env, capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, os.path.join(_HERE, 'train.py'), *(f'--{k}={v}' for k, v in args.items()),
+                                   f'--out_dir={out_dir}'], cwd=self.cwd, env=env, capture_output=True, text=True)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         seconds = round(time.time() - t0, 2)
@@ -384,7 +386,7 @@ if __name__ == '__main__':
         raise ValueError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
     for d in ('results', 'assets'):
         os.makedirs(os.path.join(_HERE, d), exist_ok=True)
-    fixed = dict(base_width=base_width, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
+    fixed = dict(dataset=dataset, base_width=base_width, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
                  warmup_iters=warmup_iters, grad_clip=grad_clip, weight_decay=weight_decay, eval_iters=eval_iters,
                  mup_scale_weight_decay=mup_scale_weight_decay, adam_eps=adam_eps,
                  mup_hidden_lr_exponent=mup_hidden_lr_exponent)

@@ -1,18 +1,17 @@
 """
 A GPT language model with one switch between the standard parameterization (SP) and the
-Maximal Update Parameterization (muP), and attention written in FlexAttention's idiom.
+Maximal Update Parameterization (muP), and attention written as FlexAttention mods.
 
-- `mup_base_width = 0` is plain nanoGPT (SP). `mup_base_width > 0` is muP relative to a model of
-  that width: every rule lives in `GPT.mup_param_info` (which parameter is what) and in the
-  three forward multipliers (input, attention logits, readout), each commented with its rule.
-  The rules are those of "Tensor Programs V" (Yang et al. 2022), Table 8, as microsoft/mup's
-  MuReadout + MuAdamW implement them; the repo's MUP.md spells them out.
-- Attention patterns are a `score_mod(score, b, h, q_idx, kv_idx)` and a
-  `mask_mod(b, h, q_idx, kv_idx)`, as in torch.nn.attention.flex_attention. Subclass
-  `MuPFlexAttention` and override them; muP stays correct without further work.
+- `mup_base_width = 0` is plain nanoGPT. `mup_base_width > 0` is muP relative to a model of
+  that width: `GPT._classify_params` decides each parameter's treatment (init, learning rate,
+  weight decay) and three forward multipliers do the rest (input, attention logits, readout).
+  docs/mup.md states the rules, the invariants the tests check, and the papers behind them.
+- An attention pattern is a `mask_mod(b, h, q_idx, kv_idx)` and a
+  `score_mod(score, b, h, q_idx, kv_idx)`, as in torch.nn.attention.flex_attention. Subclass
+  `MuPFlexAttention`, override them, and muP stays correct without further work.
 
 References: karpathy/nanoGPT (layout), microsoft/mup (MuReadout, set_base_shapes),
-meta-pytorch/attention-gym (mods catalog).
+meta-pytorch/attention-gym (the mods catalog).
 """
 
 import inspect
@@ -23,19 +22,18 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # -----------------------------------------------------------------------------
-# Attention mods: small pure functions in FlexAttention's signature.
-# score mods: (score, b, h, q_idx, kv_idx) -> score;  mask mods: (b, h, q_idx, kv_idx) -> bool
-# They see tensors, so they must be written with tensor ops only (no Python `if` on values,
-# no .item(), no dict look-ups): flex traces them and the dense backend vmaps them.
+# Attention mods. They receive index tensors, so they must be written with tensor ops (no Python
+# `if` on values, no .item(), no dict look-ups): flex traces them and the dense backend vmaps
+# them. Combine masks with torch.nn.attention.flex_attention's and_masks / or_masks.
 
 def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 def sliding_window(window):
-    """Causal attention to the last `window` positions (the query itself included)."""
+    """Causal attention to the last `window` positions, the query's own included."""
     def sliding_window_mask(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
     return sliding_window_mask
@@ -47,80 +45,58 @@ def prefix_lm(prefix_len):
     return prefix_lm_mask
 
 def document_mask(document_ids):
-    """Packed sequences: attend causally within the same document only.
-    document_ids: (B, T) integer tensor, one id per token."""
+    """Packed sequences: causal attention within a document. document_ids: (B, T) integers."""
     def document_causal_mask(b, h, q_idx, kv_idx):
         return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
     return document_causal_mask
 
-def and_masks(*mask_mods):
-    def and_mask(b, h, q_idx, kv_idx):
-        result = mask_mods[0](b, h, q_idx, kv_idx)
-        for mask_mod in mask_mods[1:]:
-            result = result & mask_mod(b, h, q_idx, kv_idx)
-        return result
-    return and_mask
-
-def or_masks(*mask_mods):
-    def or_mask(b, h, q_idx, kv_idx):
-        result = mask_mods[0](b, h, q_idx, kv_idx)
-        for mask_mod in mask_mods[1:]:
-            result = result | mask_mod(b, h, q_idx, kv_idx)
-        return result
-    return or_mask
-
-def alibi_slopes(n_head):
-    """Press et al. 2022: geometric slopes 2^(-8/n), 2^(-16/n), ... one per head."""
-    return torch.tensor([2.0 ** (-8.0 * (i + 1) / n_head) for i in range(n_head)])
-
 def alibi(slopes):
-    """Additive linear distance penalty per head; `slopes` is an (n_head,) tensor (a buffer or
-    an nn.Parameter, for learned slopes)."""
+    """Press et al. 2022: subtract slope[h] * distance. `slopes`: (n_head,), fixed or learned."""
     def alibi_bias(score, b, h, q_idx, kv_idx):
         return score - slopes[h] * (q_idx - kv_idx)
     return alibi_bias
 
-class ModuleALiBi:
-    """ALiBi with the slopes an attention module holds, looked up at every call. A closure over
-    the tensor would go stale: .to()/.double() replace a buffer, and a deep-copied model's mod
-    would keep the original's slopes (and train those, not its own learned ones)."""
-    def __init__(self, attn):
-        self.attn = attn
-    def __call__(self, score, b, h, q_idx, kv_idx):
-        return alibi(self.attn.alibi_slopes)(score, b, h, q_idx, kv_idx)
+def alibi_slopes(n_head):
+    return 2.0 ** (-8.0 * torch.arange(1, n_head + 1) / n_head)
 
 def soft_cap(cap):
-    """Gemma-2 style tanh soft-capping of the attention logits at +-cap."""
+    """Gemma 2: squash the attention logits smoothly into (-cap, cap)."""
     def soft_cap_score(score, b, h, q_idx, kv_idx):
         return cap * torch.tanh(score / cap)
     return soft_cap_score
 
-# `attn_mod` config strings, 'name' or 'name:arg'. Each entry builds the module's
-# (mask_mod, score_mod) from the argument string, so mods with per-head state (ALiBi slopes)
-# get it from the module. The value's second field documents the argument.
+def _positive_int(arg):
+    return arg.isdigit() and int(arg) > 0
+
+def _positive_finite(arg):
+    try:
+        return 0 < float(arg) < math.inf
+    except ValueError:
+        return False
+
+# attn_mod strings, 'name' or 'name:arg' -> (how to build (mask_mod, score_mod) for the attention
+# module `attn`, a check of the argument, how to write it). The mods are rebuilt at every use from
+# the module's tensors, so .to(), .double() and deepcopy never leave one holding stale slopes.
 ATTN_MODS = {
-    'causal':         (lambda attn, arg: (causal, None), None),
-    'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), 'window length, an integer, e.g. sliding_window:128'),
-    'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), 'prefix length, an integer, e.g. prefix_lm:32'),
-    'alibi':          (lambda attn, arg: (causal, ModuleALiBi(attn)), None),
-    'alibi_learned':  (lambda attn, arg: (causal, ModuleALiBi(attn)), None),
-    'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), 'cap, finite, e.g. soft_cap:20'),
+    'causal':         (lambda attn, arg: (causal, None), lambda arg: arg == '', "attn_mod='causal'"),
+    'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), _positive_int,
+                       "a window length, a positive integer: attn_mod='sliding_window:128'"),
+    'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), _positive_int,
+                       "a prefix length, a positive integer: attn_mod='prefix_lm:32'"),
+    'alibi':          (lambda attn, arg: (causal, alibi(attn.alibi_slopes)), lambda arg: arg in ('', 'learned'),
+                       "attn_mod='alibi' (fixed slopes) or 'alibi:learned'"),
+    'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), _positive_finite,
+                       "a cap, a positive finite number: attn_mod='soft_cap:20'"),
 }
 
 def parse_attn_mod(spec):
-    """'sliding_window:128' -> ('sliding_window', '128'), with errors that say what to write."""
+    """'sliding_window:128' -> ('sliding_window', '128'), or an error that says what to write."""
     name, _, arg = spec.partition(':')
     if name not in ATTN_MODS:
-        raise ValueError(f"attn_mod={spec!r}: unknown mod {name!r}; choose one of {sorted(ATTN_MODS)}")
-    arg_doc = ATTN_MODS[name][1]
-    if arg_doc is None and arg:
-        raise ValueError(f"attn_mod={spec!r}: {name} takes no argument; write attn_mod='{name}'")
-    if arg_doc is not None:
-        try:
-            ATTN_MODS[name][0](None, arg) # the entry's own int()/float() of the argument (these builders need no module)
-            assert 0 < float(arg) < math.inf # soft_cap:inf would give inf * tanh(0) = nan
-        except (ValueError, AssertionError):
-            raise ValueError(f"attn_mod={spec!r}: {name} needs a positive number, the {arg_doc}") from None
+        raise ValueError(f"attn_mod={spec!r}: unknown mod {name!r}; choose one of {sorted(ATTN_MODS)}, "
+                         f"or a comma-separated list of them, one per layer in turn")
+    if not ATTN_MODS[name][1](arg):
+        raise ValueError(f"attn_mod={spec!r}: write {ATTN_MODS[name][2]}")
     return name, arg
 
 # -----------------------------------------------------------------------------
@@ -134,20 +110,19 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
-    # --- muP (MUP.md). 0 = SP. Otherwise the width the hyperparameters were tuned at.
+    # muP (docs/mup.md): 0 = SP; otherwise the width the hyperparameters were tuned at
     mup_base_width: int = 0
-    mup_base_head_dim: int = 0  # head dim of the base model; 0 = mup_base_width // n_head (n_head fixed when widening)
-    # muTransfer hyperparameters: tune at the base width, then keep them fixed (MUP.md).
-    init_std: float = 0.02        # sigma: std of embeddings and (at base width) of hidden matrices
-    mup_input_mult: float = 1.0   # x = input_mult * (tok_emb + pos_emb)
-    mup_output_mult: float = 1.0  # logits = output_mult * lm_head(x) / m
-    mup_attn_mult: float = 1.0    # attention logit scale = attn_mult * sqrt(d_base) / d_head
-    mup_scale_weight_decay: bool = True  # hidden matrices decay with weight_decay * m, so lr * wd is width-independent (as MuAdamW)
-    mup_hidden_lr_exponent: float = 1.0  # hidden Adam lr / m**exponent; 1 is muP. Other values only for the finite-width study (README)
-    tie_weights: bool = True      # lm_head shares wte (nanoGPT). Untied: the readout starts at zero (MUP.md)
-    # --- attention
-    attn_mod: str = 'causal'      # one of ATTN_MODS, 'name' or 'name:arg'
-    attn_backend: str = 'auto'    # 'auto' | 'sdpa' | 'flex' | 'dense'
+    mup_base_head_dim: int = 0 # 0: mup_base_width // n_head (widening keeps n_head, nanoGPT's habit)
+    # muTransfer hyperparameters: tuned at the base width, kept when widening
+    init_std: float = 0.02
+    mup_input_mult: float = 1.0
+    mup_output_mult: float = 1.0
+    mup_attn_mult: float = 1.0
+    mup_scale_weight_decay: bool = True # hidden weight decay * m, so that lr * wd does not change with width
+    mup_hidden_lr_exponent: float = 1.0 # hidden lr / m**exponent: 1 is muP; others only for lr_transfer.py --causes
+    tie_weights: bool = True # lm_head shares wte; untied, the readout starts at zero
+    attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
+    attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
 
     def __post_init__(self):
         for name in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
@@ -156,23 +131,23 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"pick n_embd as a multiple of n_head")
         if self.mup_base_width < 0 or self.mup_base_head_dim < 0:
             raise ValueError("mup_base_width and mup_base_head_dim must be >= 0 (0 = SP / derived)")
         if self.mup_base_head_dim and not self.mup_base_width:
-            raise ValueError(f"mup_base_head_dim={self.mup_base_head_dim} only has a meaning under muP; "
+            raise ValueError(f"mup_base_head_dim={self.mup_base_head_dim} only has a meaning under muP: "
                              f"set mup_base_width too, or leave mup_base_head_dim=0")
-        if self.mup_base_width:
-            if not self.mup_base_head_dim and self.mup_base_width % self.n_head:
-                raise ValueError(f"mup_base_width={self.mup_base_width} is not divisible by n_head={self.n_head}: "
-                                 f"the base model keeps n_head heads; set mup_base_head_dim to the base model's head dim")
-            if self.mup_base_width % self.base_head_dim:
-                raise ValueError(f"mup_base_width={self.mup_base_width} is not a multiple of "
-                                 f"mup_base_head_dim={self.mup_base_head_dim}")
+        if self.mup_base_width and not self.mup_base_head_dim and self.mup_base_width % self.n_head:
+            raise ValueError(f"mup_base_width={self.mup_base_width} is not divisible by n_head={self.n_head}: "
+                             f"the base model keeps n_head heads; set mup_base_head_dim to its head dim")
+        if self.mup_base_width % self.base_head_dim:
+            raise ValueError(f"mup_base_width={self.mup_base_width} is not a multiple of "
+                             f"mup_base_head_dim={self.mup_base_head_dim}")
         if self.attn_backend not in ('auto', 'sdpa', 'flex', 'dense'):
             raise ValueError(f"attn_backend={self.attn_backend!r}: use 'auto', 'sdpa', 'flex' or 'dense'")
-        parse_attn_mod(self.attn_mod)
+        for spec in self.attn_mod.split(','):
+            parse_attn_mod(spec)
 
     @property
     def head_dim(self):
@@ -189,6 +164,12 @@ class GPTConfig:
         """m = n_embd / mup_base_width; 1 under SP."""
         return self.n_embd / self.mup_base_width if self.mup_base_width else 1.0
 
+    def layer_config(self, layer):
+        """The config of one layer: its own attn_mod from the list (e.g. 'sliding_window:128,causal'
+        alternates local and global layers, as Gemma 2 does)."""
+        specs = self.attn_mod.split(',')
+        return replace(self, attn_mod=specs[layer % len(specs)])
+
 # -----------------------------------------------------------------------------
 
 class LayerNorm(nn.Module):
@@ -203,253 +184,147 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
-# The dense backend works through the scores in blocks, like a flash kernel's tiles but built from
-# plain ops: _DENSE_QUERY_BLOCK queries at a time see only the range of keys the mask lets some of
-# them attend to (causal attention skips 1/4 of the work at T = 256, 7/16 at T = 1024), and a
-# block holds about _DENSE_BLOCK_SCORES scores (8 MB in float32), so that every elementwise pass
-# (score_mod, mask, softmax, and their backward) runs in cache. Measured with bench.py's attention
-# shapes on a 2-core CPU (README, Benchmarks): soft_cap at T = 256 went from 1.59x to 1.40x causal SDPA.
-_DENSE_QUERY_BLOCK = 128
-_DENSE_BLOCK_SCORES = 1 << 21
-
-
-def _vmap_bhqkv(fn, prefix):
-    """Evaluate a mod at every (b, h, q_idx, kv_idx) with nested vmaps, as flex's own eager path
-    does, so a mod written for flex means exactly the same thing here. `prefix` is the number of
-    leading tensor arguments (the score) that carry the four dims."""
+def vmap_bhqkv(mod, n_scores):
+    """`mod` evaluated at every (b, h, q_idx, kv_idx) with nested vmaps, as flex's own eager path
+    does, so that a mod written for flex means the same here. The first `n_scores` arguments are
+    (B, H, Q, KV) tensors; the index arguments are 1-d aranges."""
     for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
-        fn = torch.vmap(fn, in_dims=(0,) * prefix + dims, out_dims=0)
-    return fn
+        mod = torch.vmap(mod, in_dims=(0,) * n_scores + dims)
+    return mod
 
 
-def _bhqkv_indices(b_range, h_range, q_range, kv_range, device):
-    """The (b, h, q_idx, kv_idx) index vectors of a block of scores (four ranges), and the same four
-    shaped to broadcast against each other (one mod call on them covers every element)."""
-    idx = [torch.arange(r.start, r.stop, device=device) for r in (b_range, h_range, q_range, kv_range)]
-    b, h, q_idx, kv_idx = idx
-    return idx, (b[:, None, None, None], h[None, :, None, None], q_idx[None, None, :, None], kv_idx[None, None, None, :])
+def dense_mask(mask_mod, B, H, T, device):
+    """The mask as a boolean tensor, with a batch or head dim of 1 where it does not vary along it
+    (causal: (1, 1, T, T)), which SDPA and the dense backend broadcast."""
+    mask = vmap_bhqkv(mask_mod, 0)(*(torch.arange(n, device=device) for n in (B, H, T, T)))
+    if not torch.compiler.is_compiling(): # data-dependent: left out of compiled graphs
+        for dim in (0, 1):
+            if (mask == mask.narrow(dim, 0, 1)).all():
+                mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def attention_probs(q, k, mask, score_mod, scale, q_offset=0):
+    """softmax over the keys of score_mod(scale * q.k) where the mask allows, and 0 on rows where
+    it allows nothing, as flex and SDPA give. q: (B, H, Tq, D) at positions q_offset.., k: (B, H,
+    Tk, D), mask: broadcastable to (B, H, Tq, Tk)."""
+    score = (q * scale) @ k.transpose(-2, -1) # scaling q costs Tq*D multiplies, not Tq*Tk
+    if score_mod is not None:
+        B, H, Tq, Tk = score.shape
+        idx = [torch.arange(n, device=q.device) for n in (B, H, Tq, Tk)]
+        score = vmap_bhqkv(score_mod, 1)(score, idx[0], idx[1], idx[2] + q_offset, idx[3])
+    # The mask as an additive bias: its backward is free, masked_fill's is one more pass over the
+    # scores. Finite, so a row with nothing to attend gives numbers, which the last factor zeroes.
+    bias = torch.zeros(mask.shape, dtype=score.dtype, device=q.device)
+    bias.masked_fill_(~mask, torch.finfo(score.dtype).min / 2)
+    return torch.softmax(score + bias, dim=-1) * mask.any(-1, keepdim=True)
+
+
+def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=128):
+    """The CPU reference backend: flex's semantics with autograd. Without a score_mod, SDPA with the
+    boolean mask does it all. With one, blocks of `query_block` queries each attend to the keys up
+    to the last one their mask reaches: causal attention skips a quarter of the scores at T = 256,
+    and each block's elementwise passes stay in cache (README, Benchmarks)."""
+    if score_mod is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+    T = q.size(2)
+    out = []
+    for q0 in range(0, T, query_block):
+        block_mask = mask[..., q0:q0 + query_block, :]
+        kv_end = T
+        if not torch.compiler.is_compiling(): # data-dependent: compiled graphs take every key
+            seen = block_mask.flatten(0, -2).any(0)
+            kv_end = max(1, int((seen * torch.arange(1, T + 1, device=q.device)).max()))
+        probs = attention_probs(q[:, :, q0:q0 + query_block], k[:, :, :kv_end], block_mask[..., :kv_end],
+                                score_mod, scale, q0)
+        out.append(F.dropout(probs, dropout_p) @ v[:, :, :kv_end])
+    return torch.cat(out, dim=2)
 
 
 class MuPFlexAttention(nn.Module):
-    """Multi-head self-attention whose pattern is a FlexAttention `score_mod` and `mask_mod`.
+    """Multi-head causal self-attention whose pattern is a FlexAttention mask_mod and score_mod.
 
-    Contract for subclasses:
-    - override `score_mod(score, b, h, q_idx, kv_idx)` and/or `mask_mod(b, h, q_idx, kv_idx)`
-      (defaults: the config's `attn_mod`, causal unless set). Write them with tensor ops on the
-      index tensors; put data in tensors (buffers or nn.Parameters) and index them with the
-      indices. `score` arrives already multiplied by the muP logit scale: never rescale it.
-    - parameters you create in `__init__` (bias tables, gates, learned slopes) are classified by
-      shape against the base-width model (GPT.mup_param_info) and get their muP init scaling,
-      learning rate and weight decay automatically; they get gradients on every backend.
-    - the mask must be the same for every layer of one forward (it is built once and shared);
-      if it depends on data you change (a new graph, new document ids), call
-      `clear_block_mask_cache()` after changing it.
+    Subclasses override `mask_mod(b, h, q_idx, kv_idx)` and/or `score_mod(score, b, h, q_idx,
+    kv_idx)`; the defaults are the config's attn_mod. `score` arrives already scaled by muP's
+    logit scale: never rescale it. Parameters a subclass creates in __init__ are classified by
+    shape (GPT._classify_params) and get muP's init, learning rate and weight decay, and gradients
+    on every backend. Layers of one class and attn_mod share the mask of a forward: GPT.forward
+    builds it once, from the first of them, so a mask_mod may read data (document ids, a graph)
+    but must not differ between those layers.
     """
 
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
-        self.head_dim = config.head_dim
+        self.n_head, self.head_dim = config.n_head, config.head_dim
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_proj = True # init std / sqrt(2 n_layer), GPT-2
-        self.attn_dropout = nn.Dropout(config.dropout)
+        self.c_proj.residual_proj = True # GPT-2's scaled init of the projections into the residual stream
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
-        # muP attention: logits scale as 1/d_head (Tensor Programs V, sec. on attention), written
-        # sqrt(d_base)/d_head so that it is SP's 1/sqrt(d_head) at the base head dim. Widening by
-        # adding heads at fixed d_head keeps 1/sqrt(d_head), which is correct (microsoft/mup #17).
+        self.dropout = config.dropout # attention-probability dropout (sdpa and dense; flex has none)
+        # muP's attention logits scale like 1/d_head, not 1/sqrt(d_head) (docs/mup.md, attention).
+        # Written sqrt(d_base) / d_head, it is SP's 1/sqrt(d_head) at the base head dim.
         self.scale = config.mup_attn_mult * math.sqrt(config.base_head_dim) / config.head_dim
-        self.backend = config.attn_backend
+        self.attn_mod, self.backend = config.attn_mod, config.attn_backend
         name, arg = parse_attn_mod(config.attn_mod)
-        if name == 'alibi_learned':
-            self.alibi_slopes = nn.Parameter(alibi_slopes(config.n_head)) # a 'vector' (one per head): lr as is
+        if name == 'alibi' and arg == 'learned':
+            self.alibi_slopes = nn.Parameter(alibi_slopes(config.n_head)) # one per head: a 'vector' to muP
         elif name == 'alibi':
             self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
-        self._mask_fn, self._score_fn = ATTN_MODS[name][0](self, arg)
-        self.block_mask_cache = {} # GPT replaces this with one dict shared by all layers
-        self.capture = False       # analyze_jacobian.py: keep the attention probabilities (dense backend)
-        self.captured_probs = None # (B, n_head, T, T), with .grad = dL/dA after backward
-        self.captured_mask = None  # the boolean mask those probabilities were computed under
 
-    # ---- the two overridable mods
-    def score_mod(self, score, b, h, q_idx, kv_idx):
-        return score if self._score_fn is None else self._score_fn(score, b, h, q_idx, kv_idx)
+    def catalog_mods(self):
+        """(mask_mod, score_mod or None) of this module's attn_mod."""
+        name, arg = parse_attn_mod(self.attn_mod)
+        return ATTN_MODS[name][0](self, arg)
 
     def mask_mod(self, b, h, q_idx, kv_idx):
-        return self._mask_fn(b, h, q_idx, kv_idx)
+        return self.catalog_mods()[0](b, h, q_idx, kv_idx)
 
-    def clear_block_mask_cache(self):
-        self.block_mask_cache.clear()
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        return self.catalog_mods()[1](score, b, h, q_idx, kv_idx)
 
-    @property
-    def has_score_mod(self):
-        return type(self).score_mod is not MuPFlexAttention.score_mod or self._score_fn is not None
-
-    @property
-    def is_plain_causal(self):
-        return (not self.has_score_mod and type(self).mask_mod is MuPFlexAttention.mask_mod
-                and self._mask_fn is causal)
+    def active_score_mod(self):
+        """The score_mod as a plain function (flex rejects bound methods), or None if there is none."""
+        if type(self).score_mod is MuPFlexAttention.score_mod and self.catalog_mods()[1] is None:
+            return None
+        return lambda score, b, h, q_idx, kv_idx: self.score_mod(score, b, h, q_idx, kv_idx)
 
     def resolve_backend(self, device):
-        """'auto': SDPA (fused kernels) when the pattern is plain causal; flex on CUDA; the dense
-        reference otherwise (flex has no backward on CPU, and its CPU forward compiles per shape).
-        Capture mode always runs the dense backend, the only one that materializes the probabilities."""
-        if self.capture:
-            return 'dense'
+        """'auto': SDPA's fused kernels for plain causal attention; else flex on CUDA, and the dense
+        reference elsewhere (flex has no backward on CPU)."""
+        plain_causal = (type(self).mask_mod is MuPFlexAttention.mask_mod and self.catalog_mods()[0] is causal
+                        and self.active_score_mod() is None)
+        if self.backend == 'sdpa' and not plain_causal:
+            raise ValueError(f"attn_backend='sdpa' runs plain causal attention only, but this layer has a "
+                             f"mask_mod or score_mod of its own: use 'auto', 'flex' or 'dense'")
         if self.backend != 'auto':
-            if self.backend == 'sdpa' and not self.is_plain_causal:
-                raise ValueError("attn_backend='sdpa' only runs plain causal attention; this module has "
-                                 "a custom score_mod/mask_mod: use 'auto', 'flex' or 'dense'")
             return self.backend
-        if self.is_plain_causal:
-            return 'sdpa'
-        return 'flex' if device.type == 'cuda' else 'dense'
+        return 'sdpa' if plain_causal else 'flex' if device.type == 'cuda' else 'dense'
 
-    # ---- backends
-    def _make_room_in_mask_cache(self):
-        """Keep the masks of the 4 most recent shapes only: generate grows T by one each token,
-        and keeping every (B, H, T, T) dense mask would cost O(block_size^3) memory (4.3 GB at
-        block_size 1024, 12 heads). Training and eval reuse one shape, so they still build once."""
-        while len(self.block_mask_cache) >= 4:
-            del self.block_mask_cache[next(iter(self.block_mask_cache))]
-
-    def _block_mask(self, B, T, device):
-        key = (B, T, str(device))
-        if key not in self.block_mask_cache:
-            self._make_room_in_mask_cache()
-            self.block_mask_cache[key] = create_block_mask(lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx), B, self.n_head, T, T, device=device)
-        return self.block_mask_cache[key]
-
-    def _dense_mask(self, B, T, device):
-        """The dense backend's boolean mask as a (B, n_head, T, T) view of the cached one."""
-        return self._compact_dense_mask(B, T, device).expand(B, self.n_head, T, T)
-
-    def _compact_dense_mask(self, B, T, device):
-        """The dense backend's boolean mask, cached. A mask_mod that gives on broadcast index
-        tensors exactly what it gives element by element (every catalog mod) is kept with only the
-        dims it depends on (causal: (1, 1, T, T)): T^2 memory, not B*H*T^2, and SDPA takes that
-        compact mask as fast as is_causal. Others keep the (B, n_head, T, T) vmap evaluation."""
-        key = ('dense', B, T, str(device))
-        if key not in self.block_mask_cache:
-            self._make_room_in_mask_cache()
-            idx, broadcast_idx = _bhqkv_indices(range(B), range(self.n_head), range(T), range(T), device)
-            mask = _vmap_bhqkv(self.mask_mod, prefix=0)(*idx) # the reference: flex's per-element meaning
-            if not torch.compiler.is_compiling(): # the check is a graph break there, for a once-per-shape gain
-                try:
-                    compact = self.mask_mod(*broadcast_idx)
-                    if torch.equal(torch.broadcast_to(compact, mask.shape), mask):
-                        mask = compact
-                except (RuntimeError, IndexError, TypeError, ValueError):
-                    pass # not written elementwise (e.g. a reduction over an index): keep the vmap result
-            self.block_mask_cache[key] = mask
-        return self.block_mask_cache[key]
-
-    def _dense(self, q, k, v):
-        B, H, T, _ = q.shape
-        compact = self._compact_dense_mask(B, T, q.device) # ops on it stay compact
-        if not self.has_score_mod and not self.capture:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=compact, scale=self.scale,
-                                                  dropout_p=self.dropout if self.training else 0.0)
-        broadcasts, blocks, rows = self._dense_plan(q, k, compact)
-        return torch.cat([torch.cat([self._dense_block(q, k, v, compact, range(b0, min(B, b0 + rows)), q_range, kv_range,
-                                                       broadcasts) for q_range, kv_range in blocks], dim=2)
-                          for b0 in range(0, B, rows)])
-
-    def _dense_plan(self, q, k, compact):
-        """How the dense backend covers the scores, decided once per shape and cached with the masks
-        (every layer runs the same mods): whether score_mod may be called on broadcast indices,
-        the (query range, key range) blocks, and how many sequences a block takes."""
-        B, H, T, _ = q.shape
-        key = ('dense plan', B, T, str(q.device), self.capture)
-        if key in self.block_mask_cache:
-            return self.block_mask_cache[key]
-        if torch.compiler.is_compiling():
-            # the checks are data-dependent (graph breaks); inductor fuses the vmap path and the
-            # whole (B, H, T, T) computation anyway
-            return False, [(range(T), range(T))], B
-        broadcasts = False
-        if self.has_score_mod:
-            # One call on broadcast index tensors is much faster than nested vmaps, and means the
-            # same for an elementwise mod (every catalog mod): checked against vmap on these scores.
-            with torch.no_grad():
-                broadcasts = self._score_mod_broadcasts((q * self.scale) @ k.transpose(-2, -1))
-        if self.capture: # analyze_jacobian.py takes the whole (B, H, T, T) probabilities
-            blocks, rows = [(range(T), range(T))], B
-        else:
-            attended = torch.broadcast_to(compact.any(0).any(0), (T, T)) # by some sequence and head
-            blocks = []
-            for q0 in range(0, T, _DENSE_QUERY_BLOCK):
-                q_range = range(q0, min(T, q0 + _DENSE_QUERY_BLOCK))
-                keys = attended[q_range.start:q_range.stop].any(0).nonzero().flatten().tolist()
-                # no key at all: one (masked) key; the `attends` flag then zeroes the block's rows
-                blocks.append((q_range, range(keys[0], keys[-1] + 1) if keys else range(1)))
-            rows = max(1, _DENSE_BLOCK_SCORES // (H * _DENSE_QUERY_BLOCK * T))
-        self._make_room_in_mask_cache()
-        self.block_mask_cache[key] = broadcasts, blocks, rows
-        return broadcasts, blocks, rows
-
-    def _score_mod_broadcasts(self, score):
-        """Does score_mod on broadcast index tensors give what vmap gives element by element?"""
-        B, H, T, _ = score.shape
-        idx, broadcast_idx = _bhqkv_indices(range(B), range(H), range(T), range(T), score.device)
-        reference = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
-        try:
-            broadcast = torch.broadcast_to(self.score_mod(score, *broadcast_idx), reference.shape)
-        except (RuntimeError, IndexError, TypeError, ValueError):
-            return False # not written elementwise (e.g. a reduction over an index)
-        tol = 8 * torch.finfo(reference.dtype).eps
-        return torch.allclose(broadcast, reference, rtol=tol, atol=tol, equal_nan=True)
-
-    def _dense_block(self, q, k, v, compact, b_range, q_range, kv_range, broadcasts):
-        """Attention of the queries in q_range of the sequences in b_range over the keys in
-        kv_range (every key the mask lets them see), the dense way."""
-        b, qs, kvs = (slice(r.start, r.stop) for r in (b_range, q_range, kv_range))
-        q, k, v = q[b, :, qs], k[b, :, kvs], v[b, :, kvs]
-        # the compact mask's broadcast (size-1) dims stay whole
-        compact = compact[tuple(s if n > 1 else slice(None) for n, s in zip(compact.shape, (b, slice(None), qs, kvs)))]
-        score = (q * self.scale) @ k.transpose(-2, -1) # scaling q costs T*head_dim multiplies, not T*T
-        if self.has_score_mod:
-            idx, broadcast_idx = _bhqkv_indices(b_range, range(self.n_head), q_range, kv_range, q.device)
-            if broadcasts:
-                score = torch.broadcast_to(self.score_mod(score, *broadcast_idx), score.shape)
-            else:
-                score = _vmap_bhqkv(self.score_mod, prefix=1)(score, *idx)
-        # The mask as an additive bias: its backward is free, masked_fill's is one more pass over the
-        # scores. Finite, so a fully masked row gives a uniform row instead of nan; the multiply by
-        # `attends` below makes it 0, as flex and SDPA give.
-        bias = torch.zeros(compact.shape, dtype=score.dtype, device=q.device)
-        bias.masked_fill_(~compact, torch.finfo(score.dtype).min / 2)
-        probs = torch.softmax(score + bias, dim=-1)
-        attends = compact.any(-1, keepdim=True) # False on rows with nothing to attend to
-        if self.capture:
-            probs = probs * attends
-            probs.retain_grad()
-            self.captured_probs, self.captured_mask = probs, compact.expand(probs.shape)
-        return (self.attn_dropout(probs) @ v) * attends # (rows, H, queries, head_dim): cheaper than on probs
-
-    def attend(self, q, k, v):
-        """q, k, v: (B, n_head, T, head_dim) -> (B, n_head, T, head_dim)."""
-        backend = self.resolve_backend(q.device)
+    def make_mask(self, B, T, device):
+        """The mask for a batch of B sequences of T tokens, as this layer's backend takes it: None for
+        SDPA (is_causal), a BlockMask for flex, a boolean tensor for dense."""
+        backend = self.resolve_backend(device)
         if backend == 'sdpa':
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                  dropout_p=self.dropout if self.training else 0.0)
+            return None
+        mask_mod = lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx)
         if backend == 'flex':
-            # flex has no attention-probability dropout; residual dropout still applies
-            score_mod = None
-            if self.has_score_mod: # flex wants a plain function, not a bound method
-                score_mod = lambda score, b, h, q_idx, kv_idx: self.score_mod(score, b, h, q_idx, kv_idx)
-            flex = compiled_flex_attention() if q.device.type == 'cuda' else flex_attention
-            return flex(q, k, v, score_mod=score_mod, block_mask=self._block_mask(q.size(0), q.size(2), q.device),
-                        scale=self.scale)
-        return self._dense(q, k, v)
+            return create_block_mask(mask_mod, B, self.n_head, T, T, device=device)
+        return dense_mask(mask_mod, B, self.n_head, T, device)
 
-    def forward(self, x):
+    def attend(self, q, k, v, mask):
+        """q, k, v: (B, n_head, T, head_dim) -> (B, n_head, T, head_dim); mask from make_mask."""
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout_p)
+        if isinstance(mask, BlockMask):
+            flex = compiled_flex_attention() if q.device.type == 'cuda' else flex_attention
+            return flex(q, k, v, score_mod=self.active_score_mod(), block_mask=mask, scale=self.scale)
+        return dense_attention(q, k, v, mask, self.active_score_mod(), self.scale, dropout_p)
+
+    def forward(self, x, mask):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        y = self.attend(q, k, v)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        y = self.attend(q, k, v, mask).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 _compiled_flex = None
@@ -468,7 +343,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_proj = True # init std / sqrt(2 n_layer), GPT-2
+        self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -484,27 +359,30 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, mask):
+        x = x + self.attn(self.ln_1(x), mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 # -----------------------------------------------------------------------------
 
+def set_lr(optimizer, lr):
+    """Every param group at lr times its muP lr_scale: how the schedule meets muP, in one place."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+
+
 class GPT(nn.Module):
 
     def __init__(self, config, attn_cls=MuPFlexAttention, _shapes_only=False):
         super().__init__()
-        assert config.vocab_size is not None
-        assert config.block_size is not None
         self.config = config
         self.attn_cls = attn_cls
-
         self.transformer = nn.ModuleDict(dict(
             wte = nn.Embedding(config.vocab_size, config.n_embd),
             wpe = nn.Embedding(config.block_size, config.n_embd),
             drop = nn.Dropout(config.dropout),
-            h = nn.ModuleList([Block(config, attn_cls) for _ in range(config.n_layer)]),
+            h = nn.ModuleList([Block(config.layer_config(i), attn_cls) for i in range(config.n_layer)]),
             ln_f = LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -513,45 +391,33 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         if _shapes_only: # a throwaway model on the meta device, only read for its parameter shapes
             return
-        # one mask cache for the whole model: block masks are built once per shape, not per layer
-        block_mask_cache = {}
-        for block in self.transformer.h:
-            block.attn.block_mask_cache = block_mask_cache
-
         self.mup_param_info = self._classify_params()
         self._init_weights()
         print("number of parameters: %.2fM" % (self.get_num_params()/1e6,))
 
-    # ---- muP: the one place that decides each parameter's treatment
+    # ---- muP: the one place that decides each parameter's treatment (docs/mup.md)
     def _classify_params(self):
-        """Classify every parameter by comparing its shape with the same parameter in the
-        base-width model (microsoft/mup's set_base_shapes idea, no name lists), so parameters a
-        subclass adds are treated right. A dim is 'growing' if it differs from the base model's
-        (at n_embd == base, against a 2x-wide model). MUP.md, per-parameter rules:
-          2 growing dims -> 'hidden':    init std / sqrt(m), AdamW lr / m, weight decay * m
-          otherwise, >= 2 dims -> 'embedding' (wte, wpe, readout, finite tables): lr, init as is
-          otherwise -> 'vector' (LayerNorm, biases): lr, no weight decay
-        Under SP the same classes are computed with m = 1, so muP at its base width and SP build
-        identical models and identical optimizer groups (MUP.md invariant 1).
-        Returns {name: (kind, m)} with m the parameter's width multiplier (fan-in ratio)."""
+        """{name: (kind, m)}: each parameter's muP class, found by comparing its shape with the same
+        parameter in the base-width model (microsoft/mup's set_base_shapes idea), so parameters a
+        subclass adds are treated right without a list of names. A dim grows if it differs from the
+        base model's (at the base width: from a 2x wider model's). Two growing dims: 'hidden'; else
+        two or more dims: 'embedding' (wte, wpe, the readout, per-head tables); else 'vector'
+        (LayerNorms, biases). m is the ratio of the last growing dim (the fan-in), 1 under SP."""
         c = self.config
         base_width = c.mup_base_width or c.n_embd
-        base_n_head = base_width // c.base_head_dim
-        base = replace(c, n_embd=base_width, n_head=base_n_head, mup_base_width=0, mup_base_head_dim=0)
-        # at m = 1 a 2x-wide model shows which axes grow (every multiplier is 1 there anyway)
-        wider = replace(base, n_embd=2 * base_width)
+        base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim, mup_base_width=0,
+                       mup_base_head_dim=0)
         base_shapes = self._param_shapes(base)
-        wider_shapes = base_shapes if c.n_embd != base_width else self._param_shapes(wider)
+        wider_shapes = self._param_shapes(replace(base, n_embd=2 * base_width)) if c.n_embd == base_width else None
         info = {}
         for name, p in self.named_parameters():
             if name not in base_shapes:
-                raise ValueError(f"parameter {name} does not exist in the base-width model: parameters must be "
-                                 f"created in __init__ from the config alone, so muP can compare shapes")
-            ref = wider_shapes[name] if c.n_embd == base_width else tuple(p.shape)
+                raise ValueError(f"parameter {name} does not exist in the base-width model: create parameters "
+                                 f"in __init__ from the config alone, so that muP can compare their shapes")
+            ref = wider_shapes[name] if wider_shapes else tuple(p.shape)
             growing = [i for i, (b, r) in enumerate(zip(base_shapes[name], ref)) if b != r]
             m = p.shape[growing[-1]] / base_shapes[name][growing[-1]] if growing else 1.0
-            kind = 'hidden' if len(growing) >= 2 else ('embedding' if p.dim() >= 2 else 'vector')
-            info[name] = (kind, m)
+            info[name] = ('hidden' if len(growing) >= 2 else 'embedding' if p.dim() >= 2 else 'vector', m)
         return info
 
     def _param_shapes(self, config):
@@ -564,18 +430,16 @@ class GPT(nn.Module):
         c = self.config
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = c.init_std
-                if getattr(module, 'residual_proj', False):
-                    std /= math.sqrt(2 * c.n_layer) # GPT-2: scaled init of residual projections
+                std = c.init_std / math.sqrt(2 * c.n_layer) if getattr(module, 'residual_proj', False) else c.init_std
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, 'bias', None) is not None:
                     torch.nn.init.zeros_(module.bias)
         if not c.tie_weights:
-            torch.nn.init.zeros_(self.lm_head.weight) # MUP.md: an untied readout starts at zero (SP too, for equality)
+            torch.nn.init.zeros_(self.lm_head.weight) # docs/mup.md: an untied readout starts at zero (SP too)
         for name, p in self.named_parameters():
             kind, m = self.mup_param_info[name]
             if kind == 'hidden':
-                p.div_(math.sqrt(m)) # muP: hidden init std sigma/sqrt(fan_in ratio), Table 8 (variance 1/fan_in)
+                p.div_(math.sqrt(m)) # muP: hidden matrices' init variance ~ 1/fan_in (docs/mup.md)
 
     def get_num_params(self, non_embedding=True):
         """
@@ -590,17 +454,18 @@ class GPT(nn.Module):
         return n_params
 
     def forward(self, idx, targets=None):
-        device = idx.device
         b, t = idx.size()
-        assert t <= self.config.block_size, f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}"
-        pos = torch.arange(0, t, dtype=torch.long, device=device)
-
-        tok_emb = self.transformer.wte(idx)
-        pos_emb = self.transformer.wpe(pos)
-        # muP input multiplier: a width-independent constant tuned at the base width (MUP.md)
-        x = self.transformer.drop(self.config.mup_input_mult * (tok_emb + pos_emb))
+        if t > self.config.block_size:
+            raise ValueError(f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        # muP's input multiplier: a constant tuned at the base width (docs/mup.md)
+        x = self.transformer.drop(self.config.mup_input_mult * (self.transformer.wte(idx) + self.transformer.wpe(pos)))
+        masks = {} # one mask per attention pattern, built once and passed to its layers
         for block in self.transformer.h:
-            x = block(x)
+            pattern = (type(block.attn), block.attn.attn_mod)
+            if pattern not in masks:
+                masks[pattern] = block.attn.make_mask(b, t, idx.device)
+            x = block(x, masks[pattern])
         x = self.transformer.ln_f(x)
 
         if targets is None:
@@ -612,53 +477,45 @@ class GPT(nn.Module):
         return logits, loss
 
     def readout(self, x):
-        """The only place logits are made (forward with or without targets, generate): muP's
-        readout multiplier output_mult / m (MuReadout; Tensor Programs V, Table 8) lives here."""
+        """Every path to logits goes through here: muP's readout multiplier output_mult / m
+        (MuReadout; docs/mup.md)."""
         return self.lm_head(x) * (self.config.mup_output_mult / self.config.width_mult)
 
     def crop_block_size(self, block_size):
         # model surgery to decrease the block size if necessary
         # e.g. we may load a checkpoint with block size 1024 but want to use a smaller block size
-        assert block_size <= self.config.block_size
+        if block_size > self.config.block_size:
+            raise ValueError(f"crop_block_size({block_size}): the model's block size is only {self.config.block_size}")
         self.config = replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-        for block in self.transformer.h:
-            block.attn.clear_block_mask_cache()
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        """AdamW with one param group per (kind, m). Each group carries `lr_scale`, its muP
-        learning-rate multiplier (1/m for hidden matrices, 1 otherwise and under SP); the
-        training loop sets lr = schedule(it) * lr_scale on every group."""
+        """AdamW, one param group per muP treatment. Each group carries `lr_scale`, its learning-rate
+        multiplier; the training loop sets lr = schedule(it) * lr_scale on every group (set_lr)."""
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             kind, m = self.mup_param_info[name]
             if kind == 'hidden':
-                # muP (Table 8, MuAdamW): Adam lr of hidden matrices / m. Weight decay * m keeps the
-                # per-step decay lr*wd width-independent (optional, mup_scale_weight_decay).
+                # muP: Adam's hidden-matrix lr / m (docs/mup.md); weight decay * m keeps the decay per
+                # step, lr * wd, the same at every width (as MuAdamW; mup_scale_weight_decay)
                 lr_scale = m ** -self.config.mup_hidden_lr_exponent
-                wd = weight_decay * (1.0 / lr_scale if self.config.mup_scale_weight_decay else 1.0)
+                wd = weight_decay / lr_scale if self.config.mup_scale_weight_decay else weight_decay
             elif kind == 'embedding':
                 lr_scale, wd = 1.0, weight_decay
             else:
                 lr_scale, wd = 1.0, 0.0 # no decay for LayerNorms and biases, as nanoGPT
-            key = (kind, lr_scale, wd)
-            if key not in groups:
-                groups[key] = dict(params=[], name=kind, weight_decay=wd, lr_scale=lr_scale,
-                                   lr=learning_rate * lr_scale)
-            groups[key]['params'].append(p)
-        optim_groups = list(groups.values())
-        for g in optim_groups:
-            print(f"param group {g['name']}: {len(g['params'])} tensors, "
-                  f"{sum(p.numel() for p in g['params']):,} parameters, lr_scale {g['lr_scale']:.4g}, "
-                  f"weight_decay {g['weight_decay']:.4g}")
+            group = groups.setdefault((kind, lr_scale, wd), dict(params=[], name=kind, weight_decay=wd,
+                                                                 lr_scale=lr_scale, lr=learning_rate * lr_scale))
+            group['params'].append(p)
+        for g in groups.values():
+            print(f"param group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} "
+                  f"parameters, lr_scale {g['lr_scale']:.4g}, weight_decay {g['weight_decay']:.4g}")
         # Create AdamW optimizer and use the fused version if it is available
-        fused_available = 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        use_fused = fused_available and device_type == 'cuda'
-        extra_args = dict(fused=True) if use_fused else dict()
-        optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, eps=eps, **extra_args)
-        return optimizer
+        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
+        return torch.optim.AdamW(list(groups.values()), lr=learning_rate, betas=betas, eps=eps,
+                                 **(dict(fused=True) if use_fused else {}))
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """ estimate model flops utilization (MFU) as a fraction of `peak_flops`
@@ -680,18 +537,21 @@ class GPT(nn.Module):
         Take a conditioning sequence of indices idx (LongTensor of shape (b,t)) and complete
         the sequence max_new_tokens times, feeding the predictions back into the model each time.
         The whole (cropped) context is recomputed every step, so every mask sees true positions.
+        temperature=0 picks the most likely token (greedy decoding).
         Most likely you'll want to make sure to be in model.eval() mode of operation for this.
         """
         for _ in range(max_new_tokens):
             # if the sequence context is growing too long we must crop it at block_size
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
+            logits = self(idx_cond)[0][:, -1, :]
+            if temperature == 0:
+                idx_next = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
@@ -702,8 +562,8 @@ GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 
 
 def device_peak_flops(device, dtype=torch.float32):
     """Peak FLOP/s the MFU figures are measured against: a GPU's datasheet bf16 peak; elsewhere
-    (CPU, MPS) there is no datasheet figure, so measure the best rate of a large matmul in `dtype`
-    once (an achievable peak, so CPU MFU reads 'fraction of what this machine's GEMM reaches')."""
+    (CPU, MPS) there is no datasheet figure, so the best rate of a large matmul in `dtype`, measured
+    once (CPU MFU then reads as a fraction of what this machine's GEMM reaches)."""
     device = torch.device(device)
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)

@@ -1,12 +1,13 @@
 """
-Train a GPT, SP or muP. Runs on one CPU/GPU, or several with DDP:
+Train a GPT, SP or muP, on one CPU/GPU or on several with DDP:
 $ python train.py config/shakespeare_mup.py
 $ python train.py config/train_shakespeare_char.py --device=cpu --compile=False --max_iters=2000
-$ torchrun --standalone --nproc_per_node=4 train.py config/shakespeare_mup.py
-Across nodes (run on each; master's IP in --master_addr):
+$ torchrun --standalone --nproc_per_node=4 train.py config/shakespeare_mup.py --gradient_accumulation_steps=4
+Across nodes (run on each; the master's IP in --master_addr):
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=1234 train.py ...
-Ctrl-C or SIGTERM finishes the step, saves out_dir/ckpt.pt and exits; `--init_from=resume` with the
-same config continues exactly where it stopped (or from the last checkpoint after a crash).
+gradient_accumulation_steps counts the micro-batches of the global batch, so it must be a multiple
+of the number of processes. Ctrl-C or SIGTERM finishes the step, saves out_dir/ckpt.pt and exits;
+`--init_from=resume` with the same settings continues exactly where it stopped.
 """
 
 import math
@@ -19,14 +20,15 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
-from model import GPT, GPTConfig, device_peak_flops
+from configurator import ConfigError, configure
+from model import GPT, GPTConfig, device_peak_flops, set_lr
 
 # -----------------------------------------------------------------------------
 # default config values, every one overridable by a config file or --key=value
@@ -46,34 +48,23 @@ wandb_project = 'mupgpt'
 wandb_run_name = 'run'
 # data
 dataset = 'shakespeare_char'
-gradient_accumulation_steps = 1 # global: split across DDP processes
-batch_size = 12 # micro-batch size per process
-block_size = 256
-# model
+gradient_accumulation_steps = 1 # micro-batches of the global batch, split across DDP processes
+batch_size = 12 # micro-batch size
+# model: every GPTConfig field but vocab_size is a key; these replace its defaults, the muP and
+# attention keys keep theirs (model.py)
 n_layer = 6
 n_head = 6
 n_embd = 384
+block_size = 256
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
-tie_weights = True
-attn_mod = 'causal'
-attn_backend = 'auto'
-# muP (MUP.md): 0 = SP; otherwise the width the hyperparameters below were tuned at
-mup_base_width = 0
-mup_base_head_dim = 0
-init_std = 0.02
-mup_input_mult = 1.0
-mup_output_mult = 1.0
-mup_attn_mult = 1.0
-mup_scale_weight_decay = True
-mup_hidden_lr_exponent = 1.0 # hidden lr / m**exponent: 1 is muP; others only to study finite width (README)
 # adamw optimizer
-learning_rate = 1e-3 # max learning rate (the base lr; muP groups scale it by their lr_scale)
+learning_rate = 1e-3 # max learning rate: the base lr, which each muP group scales by its lr_scale
 max_iters = 5000 # total number of training iterations
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.99
-adam_eps = 1e-8 # AdamW's default
+adam_eps = 1e-8
 grad_clip = 1.0 # clip gradients at this value, or disable if == 0.0
 # learning rate decay settings
 decay_lr = True # whether to decay the learning rate
@@ -82,42 +73,69 @@ lr_decay_iters = 5000 # should be ~= max_iters per Chinchilla
 min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
 # system
 device = 'auto' # 'auto' (cuda > mps > cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto' # 'auto': bfloat16 where the GPU supports it, else float16 on CUDA, float32 elsewhere
-compile = 'auto' # 'auto' (on for CUDA, off elsewhere), 'True' or 'False'
+dtype = 'auto' # 'auto': bfloat16 where the GPU supports it, else float16 on CUDA; float32 elsewhere
+compile = True # use PyTorch 2.0 to compile the model to be faster
 seed = 1337
+model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
+globals().update({k: getattr(GPTConfig, k) for k in model_keys if k not in globals()})
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
+def check_config():
+    """Every setting is checked before any work starts: a bad one stops the run with one line that
+    names it, its value and what it must be."""
+    rules = [
+        ('batch_size', batch_size >= 1, 'an integer >= 1'),
+        ('gradient_accumulation_steps', gradient_accumulation_steps >= 1, 'an integer >= 1'),
+        ('max_iters', max_iters >= 0, 'an integer >= 0'),
+        ('eval_iters', eval_iters >= 1, 'an integer >= 1: the val loss is a mean over eval_iters batches'),
+        ('eval_interval', eval_interval >= 1, 'an integer >= 1'),
+        ('log_interval', log_interval >= 1, 'an integer >= 1'),
+        ('keep_last_n', keep_last_n >= 0, 'an integer >= 0'),
+        ('warmup_iters', warmup_iters >= 0, 'an integer >= 0'),
+        ('lr_decay_iters', lr_decay_iters > warmup_iters or not decay_lr, 'larger than warmup_iters'),
+        ('learning_rate', 0 <= learning_rate < math.inf, 'a finite number >= 0'),
+        ('min_lr', 0 <= min_lr <= learning_rate, 'a number between 0 and learning_rate'),
+        ('weight_decay', 0 <= weight_decay < math.inf, 'a finite number >= 0'),
+        ('beta1', 0 <= beta1 < 1, 'in [0, 1)'),
+        ('beta2', 0 <= beta2 < 1, 'in [0, 1)'),
+        ('adam_eps', 0 < adam_eps < math.inf, 'a finite number > 0'),
+        ('grad_clip', 0 <= grad_clip < math.inf, 'a finite number >= 0 (0 = no clipping)'),
+        ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'"),
+        ('init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'"),
+    ]
+    for key, ok, must_be in rules:
+        if not ok:
+            raise ConfigError(f"{key}={globals()[key]!r}: must be {must_be}")
+    try:
+        torch.device('cpu' if device == 'auto' else device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'") from None
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but this machine has no CUDA device: use --device=cpu (or auto)")
+    if gradient_accumulation_steps % ddp_world_size:
+        raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps}: must be a multiple of the number "
+                          f"of processes ({ddp_world_size}), since it counts the micro-batches of the global batch; "
+                          f"e.g. --gradient_accumulation_steps={ddp_world_size}")
+
 # various inits, derived attributes, I/O setup
 ddp = int(os.environ.get('RANK', -1)) != -1 # is this a ddp run?
+ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ.get(k, d)) for k, d in
+                                            (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+master_process = ddp_rank == 0 # this process will do logging, checkpointing etc.
+check_config()
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
 if ddp:
     init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
-    ddp_rank = int(os.environ['RANK'])
-    ddp_local_rank = int(os.environ['LOCAL_RANK'])
-    ddp_world_size = int(os.environ['WORLD_SIZE'])
     if device_type == 'cuda':
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
-    master_process = ddp_rank == 0 # this process will do logging, checkpointing etc.
-    if gradient_accumulation_steps % ddp_world_size:
-        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
-                         f"number of processes ({ddp_world_size}): it counts micro-batches of the global batch")
-else:
-    ddp_rank, ddp_world_size, master_process = 0, 1, True
 local_accum_steps = gradient_accumulation_steps // ddp_world_size
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if master_process:
-    print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    try: # fail now, not at the first checkpoint after a long stretch of training
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as e:
-        raise OSError(f"out_dir={out_dir!r} is not a writable directory ({e}); checkpoints are saved "
-                      f"there: pass --out_dir=<a directory you can write>") from None
+    print(f"tokens per iteration will be: {gradient_accumulation_steps * batch_size * block_size:,}")
 torch.manual_seed(seed + ddp_rank) # dropout differs per process; batches come from data_rng below
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
@@ -125,16 +143,17 @@ if dtype == 'auto':
     dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
-use_compile = device_type == 'cuda' if compile == 'auto' else compile == 'True'
-if compile not in ('auto', 'True', 'False'):
-    raise ValueError(f"compile={compile!r}: use 'auto', True or False")
 
 # data: uint16 token files written by data/<dataset>/prepare.py
 data_dir = os.path.join('data', dataset) # relative to the working directory, as nanoGPT
 for split in ('train', 'val'):
-    if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
-        raise FileNotFoundError(f"{data_dir}/{split}.bin not found: prepare the dataset first with "
-                                f"`python data/{dataset}/prepare.py` (offline: add --input PATH/TO/input.txt)")
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.exists(path):
+        raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare the dataset first with "
+                          f"`python data/{dataset}/prepare.py` (offline: add --input PATH/TO/input.txt)")
+    if os.path.getsize(path) // 2 <= block_size:
+        raise ConfigError(f"block_size={block_size}: {path} holds only {os.path.getsize(path) // 2} tokens; "
+                          f"a training sequence needs block_size + 1 of them: lower block_size")
 # Every process draws the indices of the whole global batch from one generator and keeps its
 # own share, so N processes see exactly the micro-batches one process sees with N x accumulation.
 data_rng = torch.Generator().manual_seed(seed)
@@ -147,9 +166,9 @@ def get_batch(split, generator, n_micro):
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (n_micro * ddp_world_size, batch_size), generator=generator)
     batches = []
-    for rows in ix[ddp_rank * n_micro:(ddp_rank + 1) * n_micro]:
-        x = torch.stack([torch.from_numpy(data[i:i+block_size].astype(np.int64)) for i in rows.tolist()])
-        y = torch.stack([torch.from_numpy(data[i+1:i+1+block_size].astype(np.int64)) for i in rows.tolist()])
+    for rows in ix[ddp_rank * n_micro:(ddp_rank + 1) * n_micro].tolist():
+        x = torch.stack([torch.from_numpy(data[i:i+block_size].astype(np.int64)) for i in rows])
+        y = torch.stack([torch.from_numpy(data[i+1:i+1+block_size].astype(np.int64)) for i in rows])
         if device_type == 'cuda':
             # pin arrays x,y, which allows us to move them to GPU asynchronously (non_blocking=True)
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -165,75 +184,64 @@ if os.path.exists(meta_path):
     with open(meta_path, 'rb') as f:
         meta_vocab_size = pickle.load(f)['vocab_size']
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-
-# model init
-model_field_names = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout', 'tie_weights',
-                     'attn_mod', 'attn_backend', 'mup_base_width', 'mup_base_head_dim', 'init_std',
-                     'mup_input_mult', 'mup_output_mult', 'mup_attn_mult', 'mup_scale_weight_decay',
-                     'mup_hidden_lr_exponent']
-model_args = {k: config[k] for k in model_field_names if k in config}
+model_args = {k: config[k] for k in model_keys}
 model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
-iter_num = 0
-best_val_loss = 1e9
-skipped_steps = 0 # non-finite steps skipped (skip_nonfinite=True), over the whole run
-checkpoint = None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
-def load_checkpoint(path):
-    """torch.load with an error that says what is wrong with the file, not where pickle choked."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"init_from='resume' but {path} does not exist: train with "
-                                f"init_from='scratch' first, or point --out_dir at the run to resume")
+def load_checkpoint():
+    """The checkpoint to resume, after checking that this run's settings build its model."""
+    if not os.path.exists(ckpt_path):
+        raise ConfigError(f"init_from='resume', but {ckpt_path} does not exist: train with init_from='scratch' "
+                          f"first, or point --out_dir at the run to resume")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise RuntimeError(f"{path} is truncated or corrupt, it cannot be loaded ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}). Resume from an intact copy, e.g. a numbered "
-                           f"ckpt_<iter>.pt kept by keep_last_n, copied to ckpt.pt") from None
+        raise ConfigError(f"{ckpt_path} is truncated or corrupt, it cannot be loaded ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]}). Resume from an intact copy, e.g. a numbered "
+                          f"ckpt_<iter>.pt kept by keep_last_n, copied to ckpt.pt") from None
     required = ['model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config', 'skipped_steps',
                 'data_rng_state', 'rng_states']
     missing = [k for k in required if k not in checkpoint] if isinstance(checkpoint, dict) else required
     if missing:
-        raise RuntimeError(f"{path} is not a checkpoint of this train.py (missing {', '.join(missing)}); "
-                           f"it cannot be resumed exactly: start with init_from='scratch'")
-    return checkpoint
-
-if init_from == 'resume':
-    print(f"Resuming training from {out_dir}")
-    checkpoint = load_checkpoint(ckpt_path)
-    # The run's settings build the model, and they must build the checkpoint's: silently taking the
-    # checkpoint's shape would leave the flags and the model disagreeing. Only the attention backend
-    # (same function, another kernel) may change.
+        raise ConfigError(f"{ckpt_path} is not a checkpoint of this train.py (missing {', '.join(missing)}); "
+                          f"it cannot be resumed exactly: start with init_from='scratch'")
+    # Only the attention backend (the same function, another kernel) may change: taking the
+    # checkpoint's shape silently would leave the flags and the model disagreeing.
     differ = [f"  {k}: checkpoint {checkpoint['model_args'].get(k)!r} vs requested {model_args[k]!r}"
-              for k in model_field_names if k != 'attn_backend' and checkpoint['model_args'].get(k) != model_args[k]]
+              for k in model_args if k != 'attn_backend' and checkpoint['model_args'].get(k) != model_args[k]]
     if differ:
-        raise ValueError(f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:\n"
-                         + "\n".join(differ) + "\nResume with the config file and flags of the run that "
-                         f"wrote it (only attn_backend may change).")
+        raise ConfigError(f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:\n"
+                          + "\n".join(differ) + "\nResume with the config file and flags of the run that "
+                          "wrote it (only attn_backend may change).")
     changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in checkpoint['config'].items()
                if k != 'init_from' and k in config and config[k] != v]
     if changed and master_process:
         print(f"resuming with settings changed from the checkpoint's run: {', '.join(changed)}")
-    iter_num = checkpoint['iter_num']
-    best_val_loss = checkpoint['best_val_loss']
-    skipped_steps = checkpoint['skipped_steps']
-elif init_from != 'scratch':
-    raise ValueError(f"init_from={init_from!r}: use 'scratch' or 'resume'")
+    return checkpoint
+
+# model init
+checkpoint = load_checkpoint() if init_from == 'resume' else None
+iter_num = checkpoint['iter_num'] if checkpoint else 0
+best_val_loss = checkpoint['best_val_loss'] if checkpoint else 1e9
+skipped_steps = checkpoint['skipped_steps'] if checkpoint else 0 # non-finite steps skipped (skip_nonfinite)
 start_iter = iter_num # a checkpoint at start_iter would only rewrite the one we started from
-model = GPT(GPTConfig(**model_args))
+try:
+    gptconf = GPTConfig(**model_args)
+except ValueError as e:
+    raise ConfigError(str(e)) from None
+model = GPT(gptconf)
 if checkpoint is not None:
     model.load_state_dict(checkpoint['model'])
 model.to(device)
 if master_process:
-    backend = model.transformer.h[0].attn.resolve_backend(torch.device(device))
-    mup = f"muP, base width {model.config.mup_base_width}, m = {model.config.width_mult:g}" \
-          if model.config.mup_base_width else "SP"
-    print(f"model: {mup}; attention {model.config.attn_mod} on the {backend} backend; device {device}, {dtype}")
+    backends = sorted({block.attn.resolve_backend(torch.device(device)) for block in model.transformer.h})
+    mup = f"muP, base width {gptconf.mup_base_width}, m = {gptconf.width_mult:g}" if gptconf.mup_base_width else "SP"
+    print(f"model: {mup}; attention {gptconf.attn_mod} on the {'/'.join(backends)} backend; device {device}, {dtype}")
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
-# optimizer: one group per muP class, each with its lr_scale
+# optimizer: one group per muP treatment, each with its lr_scale
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, adam_eps)
 if checkpoint is not None:
     # load_state_dict also restores the saved hyperparameters (weight_decay, betas): keep this run's
@@ -244,7 +252,7 @@ if checkpoint is not None:
 
 # compile the model
 raw_model = model
-if use_compile:
+if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
 
@@ -280,7 +288,6 @@ def get_lr(it):
         return min_lr
     # 3) in between, use cosine decay down to min learning rate
     decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    assert 0 <= decay_ratio <= 1
     coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio)) # coeff ranges 0..1
     return min_lr + coeff * (learning_rate - min_lr)
 
@@ -295,7 +302,15 @@ def rng_states():
     torch.distributed.all_gather_object(states, state)
     return states
 
-def set_rng_state(state):
+def set_rng_states(states):
+    """Continue the RNG streams of the checkpoint's run; a run with another number of processes
+    cannot, and keeps its fresh seeds (the batches come from data_rng and are unaffected)."""
+    if len(states) != ddp_world_size:
+        if master_process:
+            print(f"the checkpoint holds the RNG states of {len(states)} processes, this run has "
+                  f"{ddp_world_size}: dropout continues from fresh seeds")
+        return
+    state = states[ddp_rank]
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
@@ -342,24 +357,23 @@ def request_stop(signum, frame):
     stop_signal = signal.Signals(signum).name
     signal.signal(signum, signal.SIG_DFL) # a second one stops at once
 
-# logging
-if wandb_log and master_process:
-    import wandb
-    mup_info = {'width_mult': raw_model.config.width_mult,
-                **{f"lr_scale/{g['name']}": g['lr_scale'] for g in optimizer.param_groups}}
-    wandb.init(project=wandb_project, name=wandb_run_name, config={**config, **mup_info})
+if master_process:
+    try: # fail now, not at the first checkpoint after a long stretch of training
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise ConfigError(f"out_dir={out_dir!r} is not a writable directory ({e}): checkpoints are saved there; "
+                          f"pass --out_dir=<a directory you can write>") from None
+    if wandb_log:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config={**config, 'width_mult': gptconf.width_mult,
+                   **{f"lr_scale/{g['name']}": g['lr_scale'] for g in optimizer.param_groups}})
 
 # training loop
 peak_flops = device_peak_flops(device)
-# Restore the RNGs last: building the model and measuring the peak flops drew from torch's RNG.
-# A run with another number of processes can't continue their dropout streams: it keeps its seeds.
-if checkpoint is not None:
+if checkpoint is not None: # last: building the model and measuring peak flops drew from torch's RNG
     data_rng.set_state(checkpoint['data_rng_state'])
-    if len(checkpoint['rng_states']) == ddp_world_size:
-        set_rng_state(checkpoint['rng_states'][ddp_rank])
-    elif master_process:
-        print(f"the checkpoint holds the RNG states of {len(checkpoint['rng_states'])} processes, this run "
-              f"has {ddp_world_size}: dropout continues from fresh seeds (the batches are unaffected)")
+    set_rng_states(checkpoint['rng_states'])
 checkpoint = None # free up memory
 batch_rng_state = data_rng.get_state() # what drew `batches`: a checkpoint stores it, so a resume redraws them
 batches = get_batch('train', data_rng, local_accum_steps) # fetch the very first batch
@@ -372,8 +386,7 @@ while True:
 
     # determine and set the learning rate for this iteration: each group gets its muP lr_scale
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for param_group in optimizer.param_groups:
-        param_group['lr'] = lr * param_group['lr_scale']
+    set_lr(optimizer, lr)
 
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
@@ -466,4 +479,5 @@ while True:
         break
 
 if ddp:
+    torch.distributed.barrier() # no process tears down while another still talks to it
     destroy_process_group()

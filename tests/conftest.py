@@ -1,9 +1,28 @@
-"""Shared test setup."""
+"""Shared test helpers: one intra-op thread, tiny models and batches, the project's scripts run as
+a user runs them, and a tiny prepared dataset (no download, nothing read from data/)."""
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
 import pytest
 import torch
 
+from model import GPT, GPTConfig, MuPFlexAttention
 
-@pytest.fixture(autouse=True, scope='module')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.0, bias=False)
+# train.py on the tiny dataset of `workdir`, small enough for a few seconds per run
+TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
+              '--batch_size=8', '--eval_iters=5', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3',
+              '--dataset=tiny']
+SCRIPT_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+
+
+@pytest.fixture(autouse=True, scope='session')
 def one_thread():
     """The test models are tiny: on a loaded 2-core machine, 2 intra-op threads made the mods and
     graph tests take 72 s instead of 14 s (OpenMP threads waiting on each other)."""
@@ -11,3 +30,55 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def quiet(fn, *args, **kwargs):
+    """fn(*args, **kwargs) without its prints (GPT's parameter count, the optimizer's groups)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def tiny_config(**kw):
+    return GPTConfig(**{**TINY, **kw})
+
+
+def make_gpt(seed=0, attn_cls=MuPFlexAttention, **kw):
+    """A GPT of TINY (with changes kw), initialised from `seed`."""
+    torch.manual_seed(seed)
+    return quiet(GPT, tiny_config(**kw), attn_cls)
+
+
+def tokens(B=3, T=32, seed=1, vocab_size=TINY['vocab_size']):
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def run_script(script, *args, cwd, launcher=(sys.executable,), timeout=300, env=SCRIPT_ENV):
+    """One of the project's scripts in a subprocess, from `cwd`, as a user runs it."""
+    return subprocess.run([*launcher, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def ok(proc):
+    """The stdout of a process that must have succeeded."""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope='session')
+def workdir(tmp_path_factory):
+    """A working directory whose data/tiny is shakespeare_char's preparation of a small local text."""
+    work = tmp_path_factory.mktemp('work')
+    text = "".join(f"{name}: the {thing} is {state}.\n" for name in ('ROMEO', 'JULIET', 'NURSE')
+                   for thing in ('night', 'moon', 'rose', 'sword') for state in ('fair', 'dark', 'sweet', 'cold'))
+    (work / 'input.txt').write_text(text * 30)
+    ok(run_script('data/shakespeare_char/prepare.py', f'--input={work / "input.txt"}',
+                  f'--out_dir={work / "data" / "tiny"}', cwd=work))
+    return work
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network: a download fails as it does on a machine without internet."""
+    def fail(*args, **kwargs):
+        raise urllib.error.URLError('no network in this test')
+    monkeypatch.setattr(urllib.request, 'urlopen', fail)

@@ -6,7 +6,7 @@ import pytest
 
 import lr_transfer
 
-FIXED = dict(base_width=16, n_layer=1, n_head=2, batch_size=4, block_size=16, warmup_iters=1, grad_clip=1.0,
+FIXED = dict(dataset='tiny', base_width=16, n_layer=1, n_head=2, batch_size=4, block_size=16, warmup_iters=1, grad_clip=1.0,
              weight_decay=0.0, eval_iters=2, mup_scale_weight_decay=True, adam_eps=1e-8, mup_hidden_lr_exponent=1.0)
 
 
@@ -25,9 +25,9 @@ def test_cache_key_ignores_what_sp_ignores(tmp_path):
     assert key(run('sp')) != key(run('sp', init_std=0.04)) != key(run('sp', width=64))
 
 
-def test_runs_train_py_and_resumes_from_the_cache(tmp_path, monkeypatch):
+def test_runs_train_py_and_resumes_from_the_cache(tmp_path, monkeypatch, workdir):
     path = tmp_path / 'runs.json'
-    runner = lr_transfer.Runner(str(path), 2, 1, 'cpu', FIXED)
+    runner = lr_transfer.Runner(str(path), 2, 1, 'cpu', FIXED, cwd=workdir)
     runs = [run('mup'), run('sp')]
     records = runner.run_all(runs)
     for record in records:

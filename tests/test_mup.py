@@ -29,16 +29,6 @@ LR = 3e-3
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # The models are tiny: one thread is as fast as two, and immune to a busy neighbour on the
-    # second core (measured: this file in 45 s on one thread, 213 s on two with a neighbour).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def coord_slopes(param, heads, seed=0, steps=STEPS, stat='h'):
     """{layer: slope of log2 stat vs log2 width} after `steps` Adam steps (stat 'h': mean|h|
     at the last step; 'dh': mean|h_t - h_0|, the change since init)."""

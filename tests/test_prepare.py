@@ -2,8 +2,6 @@ import pickle
 import runpy
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -74,13 +72,6 @@ def test_gpt2_bpe(input_file, tmp_path):
     assert enc.decode(val.tolist()) == TEXT[split:]
     assert train.tolist() == enc.encode_ordinary(TEXT[:split])
     assert f"train has {len(train):,} tokens" in stdout
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    def fail(*args, **kwargs):
-        raise urllib.error.URLError('no network in this test')
-    monkeypatch.setattr(urllib.request, 'urlopen', fail)
 
 
 @pytest.mark.parametrize('script', [CHAR_SCRIPT, BPE_SCRIPT])

@@ -1,35 +1,14 @@
 """End to end: prepare a tiny dataset, train (SP and muP), resume, sample — through the real
 scripts, as a user runs them."""
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
-              '--batch_size=8', '--eval_iters=5', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3',
-              '--dataset=tiny']
+from conftest import TINY_TRAIN as TINY_MODEL, ok, run_script
 
 
 def run(script, *args, cwd):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-@pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-    """A working directory with data/tiny prepared from a small local text."""
-    work = tmp_path_factory.mktemp('work')
-    text = "".join(f"{name}: the {thing} is {state}.\n" for name in ('ROMEO', 'JULIET', 'NURSE')
-                   for thing in ('night', 'moon', 'rose', 'sword') for state in ('fair', 'dark', 'sweet', 'cold'))
-    (work / 'input.txt').write_text(text * 30)
-    run('data/shakespeare_char/prepare.py', f'--input={work / "input.txt"}', f'--out_dir={work / "data" / "tiny"}',
-        cwd=work)
-    return work
+    return ok(run_script(script, *args, cwd=cwd))
 
 
 def losses(stdout):
@@ -68,13 +47,11 @@ def test_sample_writes_text(workdir):
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--dataset=nowhere', '--device=cpu'],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_script('train.py', '--dataset=nowhere', '--device=cpu', cwd=tmp_path)
     assert proc.returncode != 0
     assert 'python data/nowhere/prepare.py' in proc.stderr
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--learning_rat=1e-3'],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = run_script('train.py', '--learning_rat=1e-3', cwd=tmp_path)
     assert proc.returncode != 0 and 'learning_rate' in proc.stderr

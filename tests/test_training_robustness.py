@@ -17,16 +17,15 @@ import time
 import pytest
 import torch
 
-from test_train import ROOT, TINY_MODEL, workdir # noqa: F401 (workdir is a fixture)
+from conftest import ROOT, SCRIPT_ENV as ENV, TINY_TRAIN, ok, run_script
 
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-TRAIN = [os.path.join(ROOT, 'train.py'), *TINY_MODEL]
+TRAIN = [os.path.join(ROOT, 'train.py'), *TINY_TRAIN]
 # dropout > 0: a resumed run must continue torch's RNG stream too, not just the batches
 RESUMABLE = ['--dropout=0.1', '--eval_interval=10', '--keep_last_n=2']
 
 
 def train(*args, cwd, env=ENV, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, *TRAIN, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    return run_script('train.py', *TINY_TRAIN, *args, cwd=cwd, env=env, launcher=launcher)
 
 
 def start(*args, cwd):
@@ -47,11 +46,6 @@ def read_until(proc, pattern):
 def iter_losses(stdout):
     """{iter: the loss exactly as printed}: comparing the strings compares the fp32 values bitwise."""
     return {int(it): loss for it, loss in re.findall(r'^iter (\d+): loss (\S+),', stdout, flags=re.M)}
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
 
 
 def load(path):
