@@ -52,7 +52,7 @@ from model import GPT, GPTConfig, MuPFlexAttention, attention_probs, set_lr
 # settings, each overridable with --key=value
 steps = 500          # training steps from scratch (0: analyse the model at initialisation)
 batch_size = 32      # sequences per training batch and in the diagnostic batch
-mup_base_width = 0   # 0 = SP; otherwise muP relative to this width (MUP.md)
+mup_base_width = 0   # 0 = SP; otherwise muP relative to this width (docs/mup.md)
 attn_mod = 'causal'  # any model.ATTN_MODS entry: 'sliding_window:16', 'alibi', 'soft_cap:20', ...
 device = 'auto'      # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
 out = 'out-jacobian' # where jacobian.json and jacobian.png go

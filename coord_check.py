@@ -1,5 +1,5 @@
 """
-Coordinate check for muP (MUP.md invariants 3 and 4), in the style of microsoft/mup's figure.
+Coordinate check for muP (docs/mup.md invariants 3 and 4), in the style of microsoft/mup's figure.
 
 GPTs of several widths take a few Adam steps on one fixed batch, with the learning rates set as
 train.py sets them (lr * lr_scale on every group of model.configure_optimizers). Forward hooks
@@ -11,13 +11,20 @@ vanishes at init in the muP limit), and the updates are what muP is about. It al
 mean(|h_t - h_0|), the change of each output since init: invariant 4 asks that the first step's
 change be width-independent under muP.
 
+With --depths it is the depth check of CompleteP instead (docs/mup.md, depth): models of one
+width and growing depth, with no depth scaling, with depth-muP (alpha = 0.5) and with CompleteP
+(alpha = 1); the statistics are the residual stream halfway up and at the top (before ln_f),
+and the logits. Without depth scaling the residual stream grows with depth after a few steps.
+
 $ python coord_check.py                                  # SP and muP, widths 128..1024, n_head fixed
 $ python coord_check.py --heads=grow --out=coord_check_grow   # head_dim fixed, n_head grows
 $ python coord_check.py --param=mup --widths=64,256,1024 --steps=5 --lr=3e-2
+$ python coord_check.py --depths=2,4,8,16 --out=coord_check_depth   # depth: none, depth-muP, CompleteP
 
-Writes assets/<out>.png and results/<out>.csv, prints a table of log2-log2 slopes vs width.
-The functions (fixed_batch, build_model, measure, run_widths, slopes) are what tests/test_mup.py
-uses, so the test and the figure are one implementation.
+Writes assets/<out>.png and results/<out>.csv, prints a table of log2-log2 slopes vs width (or
+depth). The functions (fixed_batch, build_model, measure, run_widths, run_depths, slopes) are
+what tests/test_mup.py and tests/test_depth.py use, so the tests and the figures are one
+implementation.
 """
 
 import contextlib
@@ -44,7 +51,7 @@ widths = [128, 256, 512, 1024]
 steps = 4 # Adam steps; statistics are recorded at t = 0 .. steps (t = updates done so far)
 # Large enough that SP blows up within 4 steps (slopes ~2), small enough that the muP family is
 # not yet oscillating on the fixed batch: at 1e-2 mean|h| at t=4 jumps by up to 2.5x between
-# neighbouring widths and muP's worst |slope| reaches 0.3-0.5 (MUP.md suggests ~1e-2).
+# neighbouring widths and muP's worst |slope| reaches 0.3-0.5 (the original design notes suggested ~1e-2).
 lr = 3e-3
 param = 'both' # 'sp' | 'mup' | 'both'
 heads = 'fixed' # 'fixed': n_head fixed, head_dim grows (nanoGPT's --n_embd habit); 'grow': head_dim fixed, n_head grows
@@ -56,6 +63,10 @@ batch_size = 16
 block_size = 64
 seed = 1337
 out = 'coord_check' # writes assets/<out>.png and results/<out>.csv
+# the depth check (when depths are given): muP models of width depth_width, base depth base_depth
+depths = [] # e.g. 2,4,8,16
+depth_width = 128
+base_depth = 2
 # -----------------------------------------------------------------------------
 
 def random_batch(batch_size, block_size, seed, vocab_size=_RANDOM_VOCAB):
@@ -80,10 +91,11 @@ def fixed_batch(batch_size, block_size, seed):
     return xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), vocab_size, 'shakespeare_char train.bin'
 
 def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, base_width=64,
-                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337):
+                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, **depth_scaling):
     """A GPT of n_embd=width, as train.py builds it (no bias, no dropout, tied readout), SP or
     muP relative to base_width. heads='fixed' keeps n_head; heads='grow' keeps head_dim and
-    tells muP the base model's head dim (mup_base_head_dim)."""
+    tells muP the base model's head dim (mup_base_head_dim). depth_scaling: mup_base_depth and
+    mup_depth_alpha."""
     if param not in ('sp', 'mup'):
         raise ValueError(f"param={param!r}: use 'sp' or 'mup'")
     if heads not in ('fixed', 'grow'):
@@ -92,26 +104,25 @@ def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, b
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head if heads == 'fixed' else width // head_dim, n_embd=width,
                        dropout=0.0, bias=False, mup_base_width=base_width if mup else 0,
-                       mup_base_head_dim=head_dim if mup and heads == 'grow' else 0)
+                       mup_base_head_dim=head_dim if mup and heads == 'grow' else 0, **depth_scaling)
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()): # GPT prints its parameter count
         return GPT(config)
-
-def layer_names(model):
-    return [f'h.{i}.{part}' for i in range(len(model.transformer.h)) for part in ('attn', 'mlp')] + ['logits']
 
 def measure(model, x, y, lr, steps, betas=(0.9, 0.99)):
     """Take `steps` AdamW steps on the batch (x, y) at constant lr, each param group at
     lr * lr_scale as train.py sets it (no weight decay, no clipping: Adam is invariant to
     clipping's rescale up to eps). Returns (h, dh, losses): h[t][layer] = mean|h| and
-    dh[t][layer] = mean|h_t - h_0| in the forward after t updates, t = 0 .. steps."""
+    dh[t][layer] = mean|h_t - h_0| in the forward after t updates, t = 0 .. steps, of every
+    block's attention and MLP output ('h.<i>.attn', 'h.<i>.mlp'), every block's output (the
+    residual stream after it, 'h.<i>') and the logits."""
     outputs = {}
     hooks = []
     for i, block in enumerate(model.transformer.h):
-        for part in ('attn', 'mlp'):
-            def hook(module, inputs, output, name=f'h.{i}.{part}'):
+        for name, module in ((f'h.{i}.attn', block.attn), (f'h.{i}.mlp', block.mlp), (f'h.{i}', block)):
+            def hook(module, inputs, output, name=name):
                 outputs[name] = output.detach()
-            hooks.append(getattr(block, part).register_forward_hook(hook))
+            hooks.append(module.register_forward_hook(hook))
     with contextlib.redirect_stdout(io.StringIO()): # configure_optimizers prints its groups
         optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu')
     set_lr(optimizer, lr)
@@ -139,35 +150,59 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99)):
 def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=None, n_layer=2,
                n_head=4, head_dim=16, base_width=64, progress=None):
     """measure() at every width with the same batch and seed. batch: (x, y, vocab_size), default
-    random tokens. Returns [{'width', 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
+    random tokens. Returns [{'size' (the width), 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
     if len(widths) < 2:
-        raise ValueError(f"widths={widths}: a slope needs at least two widths (MUP.md asks for >= 3 doublings)")
+        raise ValueError(f"widths={widths}: a slope needs at least two widths (docs/mup.md asks for >= 3 doublings)")
     x, y, vocab_size = batch if batch is not None else (*random_batch(8, 32, seed), _RANDOM_VOCAB)
     results = []
     for width in widths:
         model = build_model(width, param, heads, n_layer, n_head, head_dim, base_width,
                             vocab_size, x.size(1), seed)
         h, dh, losses = measure(model, x, y, lr, steps)
-        results.append(dict(width=width, h=h, dh=dh, losses=losses))
+        # the block outputs and the logits are what the width check compares
+        keep = lambda stats: {k: v for k, v in stats.items() if k.endswith(('attn', 'mlp', 'logits'))}
+        results.append(dict(size=width, h=list(map(keep, h)), dh=list(map(keep, dh)), losses=losses))
         if progress is not None:
             progress.update(1)
     return results
 
-def slope(widths, values):
-    """Least-squares slope of log2(value) vs log2(width): 0 is width-independent, 1 grows like width."""
-    return float(np.polyfit(np.log2(widths), np.log2(values), 1)[0])
+# depth scaling of each variant of the depth check (mup_base_depth is filled in)
+DEPTH_VARIANTS = {'none': dict(), 'depth-muP': dict(mup_depth_alpha=0.5), 'CompleteP': dict(mup_depth_alpha=1.0)}
+
+def run_depths(depths, variant, width=128, base_depth=2, steps=4, lr=3e-3, seed=1337, batch=None, n_head=4,
+               base_width=64, progress=None):
+    """measure() at every depth with the same batch and seed, muP in width, with the depth scaling
+    of DEPTH_VARIANTS[variant] relative to base_depth. The statistics that mean the same at every
+    depth: the residual stream after block L/2 and after block L (before ln_f), and the logits.
+    Returns [{'size' (the depth), 'h', 'dh', 'losses'}, ...] in the order of `depths`."""
+    x, y, vocab_size = batch if batch is not None else (*random_batch(8, 32, seed), _RANDOM_VOCAB)
+    results = []
+    for depth in depths:
+        scaling = dict(DEPTH_VARIANTS[variant], mup_base_depth=base_depth) if variant != 'none' else {}
+        model = build_model(width, 'mup', 'fixed', depth, n_head, 16, base_width, vocab_size, x.size(1), seed, **scaling)
+        h, dh, losses = measure(model, x, y, lr, steps)
+        names = {f'h.{depth // 2 - 1}': 'residual at L/2', f'h.{depth - 1}': 'residual at L', 'logits': 'logits'}
+        rename = lambda stats: {names[k]: v for k, v in stats.items() if k in names}
+        results.append(dict(size=depth, h=list(map(rename, h)), dh=list(map(rename, dh)), losses=losses))
+        if progress is not None:
+            progress.update(1)
+    return results
+
+def slope(sizes, values):
+    """Least-squares slope of log2(value) vs log2(size): 0 is size-independent, 1 grows like size."""
+    return float(np.polyfit(np.log2(sizes), np.log2(values), 1)[0])
 
 def slopes(results, step=-1, stat='h'):
-    """{layer: slope vs width} of statistic `stat` ('h' or 'dh') at step `step`."""
-    widths = [r['width'] for r in results]
+    """{layer: slope vs width (or depth)} of statistic `stat` ('h' or 'dh') at step `step`."""
+    sizes = [r['size'] for r in results]
     layers = results[0][stat][step].keys()
-    return {k: slope(widths, [r[stat][step][k] for r in results]) for k in layers}
+    return {k: slope(sizes, [r[stat][step][k] for r in results]) for k in layers}
 
 # -----------------------------------------------------------------------------
 
-def plot(all_results, path, title):
-    """microsoft/mup-style coord check: one panel per step, log-log mean|h| vs width, one line
-    per layer; a row per parameterization."""
+def plot(all_results, path, title, axis='width'):
+    """microsoft/mup-style coord check: one panel per step, log-log mean|h| vs width (or depth),
+    one line per layer; a row per parameterization (or depth variant)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -176,18 +211,18 @@ def plot(all_results, path, title):
     fig, axes = plt.subplots(len(rows), n_steps, figsize=(3 * n_steps, 3 * len(rows)), squeeze=False)
     for r, p in enumerate(rows):
         results = all_results[p]
-        widths = [res['width'] for res in results]
+        sizes = [res['size'] for res in results]
         layers = list(results[0]['h'][0])
         colors = matplotlib.colormaps['viridis'](np.linspace(0, 0.9, len(layers)))
         for t in range(n_steps):
             ax = axes[r, t]
             for layer, color in zip(layers, colors):
-                ax.plot(widths, [res['h'][t][layer] for res in results], marker='o', ms=3,
+                ax.plot(sizes, [res['h'][t][layer] for res in results], marker='o', ms=3,
                         color=color, label=layer)
             ax.set_xscale('log', base=2)
             ax.set_yscale('log')
-            ax.set_title(f"{'μP' if p == 'mup' else 'SP'}  t={t}")
-            ax.set_xlabel('width')
+            ax.set_title(f"{LABELS.get(p, p)}  t={t}")
+            ax.set_xlabel(axis)
             if t == 0:
                 ax.set_ylabel('mean |h|')
     axes[0, -1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0))
@@ -196,48 +231,59 @@ def plot(all_results, path, title):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-def write_csv(all_results, path, heads):
+LABELS = {'sp': 'SP', 'mup': 'μP'}
+
+def write_csv(all_results, path, layout, axis='width'):
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['param', 'heads', 'width', 'step', 'layer', 'mean_abs_h', 'mean_abs_dh', 'loss'])
+        w.writerow(['param', 'layout', axis, 'step', 'layer', 'mean_abs_h', 'mean_abs_dh', 'loss'])
         for p, results in all_results.items():
             for res in results:
                 for t, (h, dh) in enumerate(zip(res['h'], res['dh'])):
                     for layer in h:
-                        w.writerow([p, heads, res['width'], t, layer, f"{h[layer]:.6g}",
+                        w.writerow([p, layout, res['size'], t, layer, f"{h[layer]:.6g}",
                                     f"{dh[layer]:.6g}", f"{res['losses'][t]:.6g}"])
 
-def print_slopes(all_results, steps):
+def print_slopes(all_results, steps, axis='width'):
     tables = [(f'mean|h| at t={steps}', 'h', -1), ('mean|h_1 - h_0| (first update)', 'dh', 1)]
     for name, stat, step in tables:
-        print(f"\nlog2-log2 slope vs width of {name}")
+        print(f"\nlog2-log2 slope vs {axis} of {name}")
         per_param = {p: slopes(res, step, stat) for p, res in all_results.items()}
-        print(f"{'layer':<10}" + ''.join(f"{'μP' if p == 'mup' else 'SP':>8}" for p in per_param))
+        print(f"{'layer':<16}" + ''.join(f"{LABELS.get(p, p):>11}" for p in per_param))
         for layer in next(iter(per_param.values())):
-            print(f"{layer:<10}" + ''.join(f"{s[layer]:>8.2f}" for s in per_param.values()))
-        print(f"{'max |s|':<10}" + ''.join(f"{max(abs(v) for v in s.values()):>8.2f}" for s in per_param.values()))
+            print(f"{layer:<16}" + ''.join(f"{s[layer]:>11.2f}" for s in per_param.values()))
+        print(f"{'max |s|':<16}" + ''.join(f"{max(abs(v) for v in s.values()):>11.2f}" for s in per_param.values()))
 
 if __name__ == '__main__':
     from tqdm import tqdm
 
-    from configurator import configure
+    from configurator import ConfigError, configure
     configure(globals(), sys.argv[1:])
     if param not in ('sp', 'mup', 'both'):
-        raise ValueError(f"param={param!r}: use 'sp', 'mup' or 'both'")
-    params = ['sp', 'mup'] if param == 'both' else [param]
+        raise ConfigError(f"param={param!r}: use 'sp', 'mup' or 'both'")
+    if depths and min(depths) < 2:
+        raise ConfigError(f"depths={depths}: every depth must be >= 2 (the statistics include the residual at L/2)")
     x, y, vocab_size, source = fixed_batch(batch_size, block_size, seed)
-    layout = (f'n_head={n_head} fixed' if heads == 'fixed' else f'head_dim={head_dim} fixed')
-    print(f"data: {source}; batch {batch_size}x{block_size}; {n_layer} layers, {layout}; "
-          f"Adam lr {lr:g}, {steps} steps; muP base width {base_width}")
     all_results = {}
-    with tqdm(total=len(params) * len(widths), desc='widths') as bar:
-        for p in params:
-            all_results[p] = run_widths(widths, p, heads, steps, lr, seed, (x, y, vocab_size), n_layer,
-                                        n_head, head_dim, base_width, progress=bar)
-    print_slopes(all_results, steps)
+    if depths:
+        axis, layout = 'depth', f'width {depth_width}, base depth {base_depth}'
+        with tqdm(total=len(DEPTH_VARIANTS) * len(depths), desc='depths') as bar:
+            for variant in DEPTH_VARIANTS:
+                all_results[variant] = run_depths(depths, variant, depth_width, base_depth, steps, lr, seed,
+                                                  (x, y, vocab_size), n_head, base_width, progress=bar)
+    else:
+        axis, layout = 'width', (f'n_head={n_head} fixed' if heads == 'fixed' else f'head_dim={head_dim} fixed')
+        with tqdm(total=2 * len(widths), desc='widths') as bar:
+            for p in (['sp', 'mup'] if param == 'both' else [param]):
+                all_results[p] = run_widths(widths, p, heads, steps, lr, seed, (x, y, vocab_size), n_layer,
+                                            n_head, head_dim, base_width, progress=bar)
+    print(f"data: {source}; batch {batch_size}x{block_size}; {layout}; Adam lr {lr:g}, {steps} steps; "
+          f"muP base width {base_width}")
+    print_slopes(all_results, steps, axis)
     for d in ('assets', 'results'):
         os.makedirs(os.path.join(_HERE, d), exist_ok=True)
     png, csv_path = os.path.join(_HERE, 'assets', f'{out}.png'), os.path.join(_HERE, 'results', f'{out}.csv')
-    plot(all_results, png, f"coord check: {n_layer}-layer GPT, {layout}, Adam lr {lr:g}, data: {source.split(' (')[0]}")
-    write_csv(all_results, csv_path, heads)
+    model = f"{n_layer}-layer GPT, {layout}" if axis == 'width' else f"μP GPT, {layout}"
+    plot(all_results, png, f"coord check vs {axis}: {model}, Adam lr {lr:g}, data: {source.split(' (')[0]}", axis)
+    write_csv(all_results, csv_path, layout if axis == 'depth' else heads, axis)
     print(f"\nwrote {png} and {csv_path}")

@@ -126,7 +126,7 @@ class GraphAttention(MuPFlexAttention):
         return self.graph.adjacency[b, q_idx, kv_idx]
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
-        # `score` already carries the muP logit scale; the biases are added unscaled (MUP.md)
+        # `score` already carries the muP logit scale; the biases are added unscaled (docs/mup.md)
         edge_type = self.graph.edge_type[b, q_idx, kv_idx]
         gate = 2 * torch.sigmoid(self.edge_gate[edge_type, h])
         return (gate * score + self.edge_type_bias[edge_type, h]

@@ -1,10 +1,10 @@
 """
-muTransfer experiment (MUP.md invariant 6): sweep the learning rate on a x2 grid at several
+muTransfer experiment (docs/mup.md invariant 6): sweep the learning rate on a x2 grid at several
 widths, SP and muP, on shakespeare_char, and see where the best lr goes as the model widens.
 In the style of the muP paper's Figure 1.
 
 Every run is `train.py` itself in a subprocess (the same model, optimizer groups, lr_scale and
-warmup + cosine schedule), so nothing here can train by different rules. The setup is MUP.md's
+warmup + cosine schedule), so nothing here can train by different rules. The setup is docs/mup-study.md's
 reference: 2 layers, 4 heads, 150 steps of batch 16x64, warmup 10, cosine decay to lr/10, clip
 1.0, no weight decay; the score is the final val loss.
 
@@ -276,7 +276,7 @@ def compare(runner):
     parallel); then run muP at every width with the base width's values, and, as the control
     for what the multipliers alone buy, search SP's lr at every width with muP's tuned
     multipliers and init std (at the base width SP and muP are the same model)."""
-    start = -8 # MUP.md's reference optimum at 150 steps; the searches walk from there
+    start = -8 # the reference optimum at 150 steps (docs/mup-study.md); the searches walk from there
     with ThreadPoolExecutor(len(horizons) * (1 + len(widths))) as searches:
         tuned = {it: searches.submit(tune_mup, runner, it, start) for it in horizons}
         sp = {(it, w): searches.submit(sp_best_lr, runner, w, it, start) for it in horizons for w in widths}

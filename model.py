@@ -120,6 +120,9 @@ class GPTConfig:
     mup_attn_mult: float = 1.0
     mup_scale_weight_decay: bool = True # hidden weight decay * m, so that lr * wd does not change with width
     mup_hidden_lr_exponent: float = 1.0 # hidden lr / m**exponent: 1 is muP; others only for lr_transfer.py --causes
+    # depth muP (CompleteP, docs/mup.md): 0 = off; otherwise the depth the hyperparameters were tuned at
+    mup_base_depth: int = 0
+    mup_depth_alpha: float = 1.0 # residual branches x (n_layer / mup_base_depth)^-alpha: 1 = CompleteP, 0.5 = depth-muP
     tie_weights: bool = True # lm_head shares wte; untied, the readout starts at zero
     attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
     attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
@@ -133,8 +136,10 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"pick n_embd as a multiple of n_head")
-        if self.mup_base_width < 0 or self.mup_base_head_dim < 0:
-            raise ValueError("mup_base_width and mup_base_head_dim must be >= 0 (0 = SP / derived)")
+        if self.mup_base_width < 0 or self.mup_base_head_dim < 0 or self.mup_base_depth < 0:
+            raise ValueError("mup_base_width, mup_base_head_dim and mup_base_depth must be >= 0 (0 = off / derived)")
+        if not 0.5 <= self.mup_depth_alpha <= 1.0:
+            raise ValueError(f"mup_depth_alpha={self.mup_depth_alpha}: must be in [0.5, 1] (1 = CompleteP, 0.5 = depth-muP)")
         if self.mup_base_head_dim and not self.mup_base_width:
             raise ValueError(f"mup_base_head_dim={self.mup_base_head_dim} only has a meaning under muP: "
                              f"set mup_base_width too, or leave mup_base_head_dim=0")
@@ -163,6 +168,11 @@ class GPTConfig:
     def width_mult(self):
         """m = n_embd / mup_base_width; 1 under SP."""
         return self.n_embd / self.mup_base_width if self.mup_base_width else 1.0
+
+    @property
+    def depth_mult(self):
+        """m_L = n_layer / mup_base_depth; 1 without depth scaling."""
+        return self.n_layer / self.mup_base_depth if self.mup_base_depth else 1.0
 
     def layer_config(self, layer):
         """The config of one layer: its own attn_mod from the list (e.g. 'sliding_window:128,causal'
@@ -358,10 +368,13 @@ class Block(nn.Module):
         self.attn = attn_cls(config)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        # CompleteP: each residual branch x m_L^-alpha, so that the residual stream's update stays
+        # the same size as depth grows (docs/mup.md, depth); 1 without depth scaling
+        self.residual_mult = config.depth_mult ** -config.mup_depth_alpha
 
     def forward(self, x, mask):
-        x = x + self.attn(self.ln_1(x), mask)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.residual_mult * self.attn(self.ln_1(x), mask)
+        x = x + self.residual_mult * self.mlp(self.ln_2(x))
         return x
 
 # -----------------------------------------------------------------------------
@@ -397,12 +410,13 @@ class GPT(nn.Module):
 
     # ---- muP: the one place that decides each parameter's treatment (docs/mup.md)
     def _classify_params(self):
-        """{name: (kind, m)}: each parameter's muP class, found by comparing its shape with the same
-        parameter in the base-width model (microsoft/mup's set_base_shapes idea), so parameters a
-        subclass adds are treated right without a list of names. A dim grows if it differs from the
-        base model's (at the base width: from a 2x wider model's). Two growing dims: 'hidden'; else
-        two or more dims: 'embedding' (wte, wpe, the readout, per-head tables); else 'vector'
-        (LayerNorms, biases). m is the ratio of the last growing dim (the fan-in), 1 under SP."""
+        """{name: (kind, m, in_block)}: each parameter's muP class, found by comparing its shape with
+        the same parameter in the base-width model (microsoft/mup's set_base_shapes idea), so
+        parameters a subclass adds are treated right without a list of names. A dim grows if it
+        differs from the base model's (at the base width: from a 2x wider model's). Two growing dims:
+        'hidden'; else two or more dims: 'embedding' (wte, wpe, the readout, per-head tables); else
+        'vector' (LayerNorms, biases). m is the ratio of the last growing dim (the fan-in), 1 under
+        SP. in_block: inside a residual branch, where depth scaling applies."""
         c = self.config
         base_width = c.mup_base_width or c.n_embd
         base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim, mup_base_width=0,
@@ -417,7 +431,8 @@ class GPT(nn.Module):
             ref = wider_shapes[name] if wider_shapes else tuple(p.shape)
             growing = [i for i, (b, r) in enumerate(zip(base_shapes[name], ref)) if b != r]
             m = p.shape[growing[-1]] / base_shapes[name][growing[-1]] if growing else 1.0
-            info[name] = ('hidden' if len(growing) >= 2 else 'embedding' if p.dim() >= 2 else 'vector', m)
+            kind = 'hidden' if len(growing) >= 2 else 'embedding' if p.dim() >= 2 else 'vector'
+            info[name] = (kind, m, name.startswith('transformer.h.'))
         return info
 
     def _param_shapes(self, config):
@@ -430,14 +445,17 @@ class GPT(nn.Module):
         c = self.config
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = c.init_std / math.sqrt(2 * c.n_layer) if getattr(module, 'residual_proj', False) else c.init_std
+                # GPT-2's residual projections / sqrt(2 L), with the base depth's L under CompleteP, so
+                # the init does not change with depth (docs/mup.md, depth)
+                residual_depth = c.mup_base_depth or c.n_layer
+                std = c.init_std / math.sqrt(2 * residual_depth) if getattr(module, 'residual_proj', False) else c.init_std
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, 'bias', None) is not None:
                     torch.nn.init.zeros_(module.bias)
         if not c.tie_weights:
             torch.nn.init.zeros_(self.lm_head.weight) # docs/mup.md: an untied readout starts at zero (SP too)
         for name, p in self.named_parameters():
-            kind, m = self.mup_param_info[name]
+            kind, m, _ = self.mup_param_info[name]
             if kind == 'hidden':
                 p.div_(math.sqrt(m)) # muP: hidden matrices' init variance ~ 1/fan_in (docs/mup.md)
 
@@ -489,33 +507,43 @@ class GPT(nn.Module):
         self.config = replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        """AdamW, one param group per muP treatment. Each group carries `lr_scale`, its learning-rate
-        multiplier; the training loop sets lr = schedule(it) * lr_scale on every group (set_lr)."""
+    def param_groups(self, weight_decay):
+        """One param group per muP treatment (docs/mup.md), with `lr_scale` (the training loop sets
+        lr = schedule(it) * lr_scale on every group, see set_lr), `weight_decay` and `eps_scale`."""
+        c = self.config
+        depth_lr = c.depth_mult ** (c.mup_depth_alpha - 1) # CompleteP: in-block lr x m_L^(alpha - 1)
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            kind, m = self.mup_param_info[name]
-            if kind == 'hidden':
-                # muP: Adam's hidden-matrix lr / m (docs/mup.md); weight decay * m keeps the decay per
-                # step, lr * wd, the same at every width (as MuAdamW; mup_scale_weight_decay)
-                lr_scale = m ** -self.config.mup_hidden_lr_exponent
-                wd = weight_decay / lr_scale if self.config.mup_scale_weight_decay else weight_decay
-            elif kind == 'embedding':
-                lr_scale, wd = 1.0, weight_decay
-            else:
-                lr_scale, wd = 1.0, 0.0 # no decay for LayerNorms and biases, as nanoGPT
-            group = groups.setdefault((kind, lr_scale, wd), dict(params=[], name=kind, weight_decay=wd,
-                                                                 lr_scale=lr_scale, lr=learning_rate * lr_scale))
-            group['params'].append(p)
+            kind, m, in_block = self.mup_param_info[name]
+            # muP: Adam's hidden-matrix lr / m. Weight decay x m keeps the decay per step, lr * wd,
+            # the same at every width (as MuAdamW; mup_scale_weight_decay). No decay for vectors.
+            width_lr = m ** -c.mup_hidden_lr_exponent if kind == 'hidden' else 1.0
+            wd = 0.0 if kind == 'vector' else weight_decay / width_lr if c.mup_scale_weight_decay else weight_decay
+            lr_scale = width_lr * (depth_lr if in_block else 1.0)
+            # CompleteP's Adam eps: / m_N everywhere, and / m_L^alpha inside the residual branches,
+            # whose gradients the branch multiplier shrinks (docs/mup.md, depth)
+            eps_scale = 1.0
+            if c.mup_base_depth:
+                eps_scale = c.width_mult ** -1 * (c.depth_mult ** -c.mup_depth_alpha if in_block else 1.0)
+            name = kind + (' in blocks' if in_block and c.depth_mult != 1 else '')
+            groups.setdefault((name, lr_scale, wd, eps_scale), dict(params=[], name=name, lr_scale=lr_scale,
+                              weight_decay=wd, eps_scale=eps_scale))['params'].append(p)
         for g in groups.values():
             print(f"param group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} "
-                  f"parameters, lr_scale {g['lr_scale']:.4g}, weight_decay {g['weight_decay']:.4g}")
+                  f"parameters, lr_scale {g['lr_scale']:.4g}, weight_decay {g['weight_decay']:.4g}, "
+                  f"eps_scale {g['eps_scale']:.4g}")
+        return list(groups.values())
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        """AdamW over param_groups, each group at learning_rate * lr_scale and eps * eps_scale."""
+        groups = self.param_groups(weight_decay)
+        for g in groups:
+            g.update(lr=learning_rate * g['lr_scale'], eps=eps * g['eps_scale'])
         # Create AdamW optimizer and use the fused version if it is available
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        return torch.optim.AdamW(list(groups.values()), lr=learning_rate, betas=betas, eps=eps,
-                                 **(dict(fused=True) if use_fused else {}))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **(dict(fused=True) if use_fused else {}))
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """ estimate model flops utilization (MFU) as a fraction of `peak_flops`

@@ -25,6 +25,7 @@ if torch.cuda.is_available():
     learning_rate = 2 ** -6
     min_lr = learning_rate / 10
 else:
+    compile = False # the timings below are eager; compiling on a CPU costs a minute up front
     n_layer, n_head, n_embd = 4, 4, 192
     dropout = 0.0
     batch_size, block_size = 16, 128

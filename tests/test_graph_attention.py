@@ -1,7 +1,7 @@
 """graph_attention.py: GraphAttention computes exactly the masked, biased, gated attention its
 edges describe, on the dense and flex backends, inside GPT blocks; bad edges are refused by
 name; its parameters are classified by shape, get correct gradients, and a GraphAttention GPT
-passes the muP coord check (MUP.md invariant 3) where SP fails it."""
+passes the muP coord check (docs/mup.md invariant 3) where SP fails it."""
 import functools
 
 import pytest
@@ -134,11 +134,11 @@ def test_graph_gpt_flex_matches_dense_with_one_block_mask_per_forward(monkeypatc
 @pytest.mark.parametrize('width', [16, 64])
 def test_graph_parameters_are_not_hidden_and_get_gradients(width):
     """[num_edge_types + 1, n_head] and [max_distance + 1, n_head] tables have no growing dim:
-    MUP.md's finite tables, lr as is (lr_scale 1), never 'hidden'."""
+    docs/mup.md's finite tables, lr as is (lr_scale 1), never 'hidden'."""
     gpt = quiet_gpt(config(n_embd=width, mup_base_width=16, attn_backend='dense'))
     for name in ('edge_type_bias', 'distance_bias', 'edge_gate'):
-        assert gpt.mup_param_info[f'transformer.h.1.attn.{name}'] == ('embedding', 1.0)
-    assert gpt.mup_param_info['transformer.h.1.attn.c_attn.weight'] == ('hidden', width / 16)
+        assert gpt.mup_param_info[f'transformer.h.1.attn.{name}'] == ('embedding', 1.0, True)
+    assert gpt.mup_param_info['transformer.h.1.attn.c_attn.weight'] == ('hidden', width / 16, True)
     colours, labels, edges = nearest_friend_batch(4, NODES, 8, 3, 1, MAX_DIST, torch.Generator().manual_seed(0))
     set_graph(gpt, graph_tensors(edges, NODES, N_TYPES, MAX_DIST))
     gpt(colours, labels)[1].backward()
@@ -158,7 +158,7 @@ def test_nearest_friend_labels_follow_the_edges():
             assert labels[b, node] == colours[b, nearest[0]]
 
 
-# ---- coord check (MUP.md invariant 3) for a GPT built from GraphAttention
+# ---- coord check (docs/mup.md invariant 3) for a GPT built from GraphAttention
 
 WIDTHS = [64, 128, 256, 512]
 
@@ -174,7 +174,7 @@ def graph_coord_slopes(param):
                                attn_backend='dense'))
         set_graph(gpt, graph)
         h, dh, losses = measure(gpt, colours, labels, lr=5e-3, steps=4)
-        results.append(dict(width=width, h=h, dh=dh, losses=losses))
+        results.append(dict(size=width, h=h, dh=dh, losses=losses))
     return slopes(results)
 
 

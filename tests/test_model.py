@@ -1,4 +1,4 @@
-"""model.py: API, attention backends, and MUP.md invariants 1 (base-width equality),
+"""model.py: API, attention backends, and docs/mup.md invariants 1 (base-width equality),
 2 (the output multiplier in every logits path) and 5 (init scaling)."""
 import math
 
@@ -139,7 +139,7 @@ def test_whole_model_agrees_across_backends():
     torch.testing.assert_close(logits['flex'], logits['sdpa'], rtol=0, atol=1e-5)
 
 
-# ---- MUP.md invariant 1: muP at its base width is SP, exactly
+# ---- docs/mup.md invariant 1: muP at its base width is SP, exactly
 
 @pytest.mark.parametrize("layout", [dict(), dict(mup_base_head_dim=16)])
 def test_mup_equals_sp_at_base_width(layout):
@@ -167,7 +167,7 @@ def test_mup_equals_sp_at_base_width(layout):
         assert torch.equal(p1, p2)
 
 
-# ---- MUP.md invariant 2: the readout multiplier in every logits path
+# ---- docs/mup.md invariant 2: the readout multiplier in every logits path
 
 def test_output_multiplier_in_forward_with_and_without_targets():
     model = make(n_embd=256, mup_base_width=64, mup_output_mult=3.0).eval()
@@ -197,7 +197,7 @@ def test_generate_uses_the_output_multiplier():
     assert torch.equal(sampled, greedy)
 
 
-# ---- MUP.md invariant 5: init scaling
+# ---- docs/mup.md invariant 5: init scaling
 
 def test_init_std_scales_as_mup_says():
     L, sigma = TINY['n_layer'], 0.02

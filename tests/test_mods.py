@@ -366,8 +366,8 @@ def test_subclass_parameters_are_classified_by_shape(width):
     m = width / 64
     gpt = quiet(GPT, config(n_embd=width, n_head=4, mup_base_width=64), GatedBias)
     info = gpt.mup_param_info
-    assert info['transformer.h.0.attn.rel_bias'] == ('embedding', 1.0)
-    assert info['transformer.h.0.attn.gate'] == ('hidden', m)
+    assert info['transformer.h.0.attn.rel_bias'] == ('embedding', 1.0, True)
+    assert info['transformer.h.0.attn.gate'] == ('hidden', m, True)
     groups = quiet(gpt.configure_optimizers, 0.1, 1e-3, (0.9, 0.99), 'cpu').param_groups
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     attn = gpt.transformer.h[0].attn

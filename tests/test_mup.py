@@ -1,5 +1,5 @@
 """
-muP, proven by measurement (MUP.md invariants 3, 4 and 6), on CPU in seconds.
+muP, proven by measurement (docs/mup.md invariants 3, 4 and 6), on CPU in seconds.
 
 Every check runs SP too and asserts that SP fails it: a check SP passes proves nothing.
 The measurement is coord_check.py's (the same code that draws assets/coord_check.png):
