@@ -234,7 +234,7 @@ def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=
     """The CPU reference backend: flex's semantics with autograd. Without a score_mod, SDPA with the
     boolean mask does it all. With one, blocks of `query_block` queries each attend to the keys up
     to the last one their mask reaches: causal attention skips a quarter of the scores at T = 256,
-    and each block's elementwise passes stay in cache (README, Benchmarks)."""
+    and each block's elementwise passes stay in cache (docs/mup-study.md, Benchmarks)."""
     if score_mod is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
     T = q.size(2)

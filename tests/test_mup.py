@@ -6,7 +6,7 @@ The measurement is coord_check.py's (the same code that draws assets/coord_check
 GPTs of several widths, AdamW steps with lr * lr_scale per param group as train.py sets them,
 mean|h| of each block's attention and MLP output and of the logits from forward hooks.
 
-Settings, measured over seeds 0-4 (see the README section "Does muP hold here?"):
+Settings, measured over seeds 0-4 (docs/mup-study.md, "Does μP hold here?"):
 - widths 128..1024 (3 doublings) around a base width of 64. The base width itself sits off the
   line by finite-width effects of order 1/sqrt(width) (mean|h_1 - h_0| of the MLP is 30-45%
   larger at 64 than at 128..1024, where it is flat), which would tilt the fitted slopes.
