@@ -109,10 +109,10 @@ def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, b
     with contextlib.redirect_stdout(io.StringIO()): # GPT prints its parameter count
         return GPT(config)
 
-def measure(model, x, y, lr, steps, betas=(0.9, 0.99)):
-    """Take `steps` AdamW steps on the batch (x, y) at constant lr, each param group at
-    lr * lr_scale as train.py sets it (no weight decay, no clipping: Adam is invariant to
-    clipping's rescale up to eps). Returns (h, dh, losses): h[t][layer] = mean|h| and
+def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_lr_mult=1.0):
+    """Take `steps` optimizer steps on the batch (x, y) at constant lr, each param group at
+    lr * lr_scale as train.py sets it (AdamW, or Muon for the hidden matrices and AdamW for the
+    rest; no weight decay, no clipping: both are invariant to clipping's rescale, up to eps). Returns (h, dh, losses): h[t][layer] = mean|h| and
     dh[t][layer] = mean|h_t - h_0| in the forward after t updates, t = 0 .. steps, of every
     block's attention and MLP output ('h.<i>.attn', 'h.<i>.mlp'), every block's output (the
     residual stream after it, 'h.<i>') and the logits."""
@@ -124,7 +124,7 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99)):
                 outputs[name] = output.detach()
             hooks.append(module.register_forward_hook(hook))
     with contextlib.redirect_stdout(io.StringIO()): # configure_optimizers prints its groups
-        optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu')
+        optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu', optimizer=optimizer, muon_lr_mult=muon_lr_mult)
     set_lr(optimizer, lr)
     h, dh, losses, first = [], [], [], None
     model.train()
@@ -148,7 +148,7 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99)):
     return h, dh, losses
 
 def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=None, n_layer=2,
-               n_head=4, head_dim=16, base_width=64, progress=None):
+               n_head=4, head_dim=16, base_width=64, progress=None, **optimizer):
     """measure() at every width with the same batch and seed. batch: (x, y, vocab_size), default
     random tokens. Returns [{'size' (the width), 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
     if len(widths) < 2:
@@ -158,7 +158,7 @@ def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=
     for width in widths:
         model = build_model(width, param, heads, n_layer, n_head, head_dim, base_width,
                             vocab_size, x.size(1), seed)
-        h, dh, losses = measure(model, x, y, lr, steps)
+        h, dh, losses = measure(model, x, y, lr, steps, **optimizer)
         # the block outputs and the logits are what the width check compares
         keep = lambda stats: {k: v for k, v in stats.items() if k.endswith(('attn', 'mlp', 'logits'))}
         results.append(dict(size=width, h=list(map(keep, h)), dh=list(map(keep, dh)), losses=losses))

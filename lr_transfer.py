@@ -13,6 +13,9 @@ $ python lr_transfer.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,
 $ python lr_transfer.py --seeds=1337,1338,1339            # several seeds: the best lr of the mean loss
 $ python lr_transfer.py --tune=True --horizons=150,1000 --device=cuda --jobs=12 --out=lr_transfer_cuda
 $ python lr_transfer.py --causes=True --widths=64,512 --out=lr_transfer_causes   # results/<out>_summary.json
+$ python lr_transfer.py --depths=2,4,8,16 --out=lr_transfer_depth   # lr across depth: none, depth-muP, CompleteP
+$ python lr_transfer.py --joint=True --horizons=150 # tune at 64 x 2 layers, transfer to 256 x 8 (results/<out>_joint.json)
+$ python lr_transfer.py --optimizer=muon --muon_lr_mult=8 --out=lr_transfer_muon   # Muon for the hidden matrices
 
 --tune=True answers "does muP pay off?": at every horizon (max_iters) it tunes at the base width
 the muTransfer hyperparameters (lr, mup_output_mult, mup_attn_mult, mup_input_mult, init_std) by
@@ -74,10 +77,25 @@ tune = False
 horizons = [150, 1000] # max_iters at which to tune muP and search SP's lr
 # --causes: why does muP with only the base width's lr lose to SP tuned at every width?
 causes = False
+# the optimizer of every run: 'adamw', or 'muon' (Muon for the hidden matrices; muon_lr_mult is
+# tuned with the other muTransfer hyperparameters by --tune)
+optimizer = 'adamw'
+muon_lr_mult = 1.0
+muon_momentum = 0.95
+# depth (CompleteP): --depths sweeps the lr across depths at the base width instead of widths;
+# --joint tunes at base_width x n_layer and transfers to joint_width x joint_depth
+depths = [] # e.g. 2,4,8,16
+base_depth = 2
+joint = False
+joint_width = 256
+joint_depth = 8
 # -----------------------------------------------------------------------------
 
 _MUP_HPARAMS = ('log2_lr', 'mup_output_mult', 'mup_attn_mult', 'mup_input_mult', 'init_std')
 _MUP_ONLY = ('base_width', 'mup_scale_weight_decay', 'mup_hidden_lr_exponent') # an SP run ignores them
+# settings a run may change that came after runs were cached: at these values a run keeps the key
+# it had before they existed, so the cached studies stay valid
+_LATER = dict(mup_base_depth=0, mup_depth_alpha=1.0, optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95)
 NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02)
 STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
 
@@ -102,6 +120,9 @@ class Runner:
         fields = {k: run[k] for k in sorted(self.fixed) + ['param', 'width', 'seed', 'max_iters', *_MUP_HPARAMS, 'device']}
         if run['param'] == 'sp': # one SP run serves every muP-only variant (e.g. each base width of --causes)
             fields.update(dict.fromkeys(_MUP_ONLY))
+        for k, default in _LATER.items(): # without depth scaling alpha means nothing
+            if run.get(k, default) != default and (k != 'mup_depth_alpha' or run.get('mup_base_depth')):
+                fields[k] = run[k]
         return json.dumps(fields)
 
     def run_all(self, runs):
@@ -137,6 +158,7 @@ class Runner:
                     grad_clip=run['grad_clip'], weight_decay=run['weight_decay'], adam_eps=run['adam_eps'],
                     mup_scale_weight_decay=run['mup_scale_weight_decay'],
                     mup_hidden_lr_exponent=run['mup_hidden_lr_exponent'], eval_interval=it,
+                    **{k: run.get(k, default) for k, default in _LATER.items()},
                     eval_iters=run['eval_iters'], log_interval=it, seed=run['seed'], always_save_checkpoint=False,
                     **{k: run[k] for k in _MUP_HPARAMS[1:]})
         out_dir = tempfile.mkdtemp(prefix='lr_transfer_') # train.py saves a checkpoint whenever val improves
@@ -164,7 +186,12 @@ def mean_val(records):
     return sum(map(val, records)) / len(records)
 
 def setting(param, width, log2_lr, it, **hparams):
-    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **dict(NEUTRAL, **hparams))
+    muon = dict(optimizer='muon', muon_lr_mult=muon_lr_mult, muon_momentum=muon_momentum) if optimizer == 'muon' else {}
+    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **dict(NEUTRAL, **muon, **hparams))
+
+def multipliers(hp):
+    """The transferred values of tuned hparams but the lr (init std and multipliers, Muon's included)."""
+    return {k: v for k, v in hp.items() if k != 'log2_lr'}
 
 def evaluate(runner, settings):
     """Mean val loss over seeds of each setting."""
@@ -176,60 +203,79 @@ def evaluate(runner, settings):
 # -----------------------------------------------------------------------------
 # the sweep
 
+# the depth scaling of each variant of the depth sweep (relative to base_depth)
+DEPTH_VARIANTS = {'none': {}, 'depth-muP': dict(mup_depth_alpha=0.5), 'CompleteP': dict(mup_depth_alpha=1.0)}
+
+def depth_setting(variant, depth, log2_lr, it, width=None, **hparams):
+    """A muP run of `depth` layers with the depth scaling of DEPTH_VARIANTS[variant]."""
+    scaling = dict(DEPTH_VARIANTS[variant], mup_base_depth=base_depth) if variant != 'none' else {}
+    return setting('mup', width or base_width, log2_lr, it, n_layer=depth, **scaling, **hparams)
+
 def sweep(runner):
-    """{param: {width: {log2_lr: mean val loss}}} over the whole grid."""
-    grid = [setting(p, w, k, max_iters) for p in ('sp', 'mup') for w in widths for k in log2_lrs]
-    losses = evaluate(runner, grid)
+    """{variant: {size: {log2_lr: mean val loss}}} over the whole grid: SP and muP across widths,
+    or (with depths) the depth variants across depths at the base width."""
+    if depths:
+        grid = {(v, d, k): depth_setting(v, d, k, max_iters) for v in DEPTH_VARIANTS for d in depths for k in log2_lrs}
+    else:
+        grid = {(p, w, k): setting(p, w, k, max_iters) for p in ('sp', 'mup') for w in widths for k in log2_lrs}
     table = {}
-    for s, loss in zip(grid, losses):
-        table.setdefault(s['param'], {}).setdefault(s['width'], {})[s['log2_lr']] = loss
+    for (variant, size, log2_lr), loss in zip(grid, evaluate(runner, list(grid.values()))):
+        table.setdefault(variant, {}).setdefault(size, {})[log2_lr] = loss
     return table
 
 def best(curve):
     """log2 lr of the lowest loss in {log2_lr: loss}."""
     return min(curve, key=curve.get)
 
+def variant_title(variant):
+    return {'sp': 'SP', 'mup': f'μP (base width {base_width})', 'none': 'no depth scaling',
+            'depth-muP': f'depth-μP (α = 0.5, base depth {base_depth})',
+            'CompleteP': f'CompleteP (α = 1, base depth {base_depth})'}[variant]
+
 def plot_sweep(table, path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    colors = matplotlib.colormaps['viridis'](np.linspace(0, 0.9, len(widths)))
+    axis, sizes = ('depth', depths) if depths else ('width', widths)
+    fig, axes = plt.subplots(1, len(table), figsize=(5 * len(table), 4), sharey=True)
+    colors = matplotlib.colormaps['viridis'](np.linspace(0, 0.9, len(sizes)))
     finite = [v for curves in table.values() for c in curves.values() for v in c.values() if math.isfinite(v)]
     lo = min(finite)
     top = min(lo + 1.0, max(finite) + 0.05)
-    for ax, p in zip(axes, ('sp', 'mup')):
-        for w, color in zip(widths, colors):
-            curve = table[p][w]
+    for ax, variant in zip(axes, table):
+        for size, color in zip(sizes, colors):
+            curve = table[variant][size]
             ks = sorted(curve)
-            ax.plot(ks, [min(curve[k], top) for k in ks], marker='o', ms=3, color=color, label=f'width {w}')
+            ax.plot(ks, [min(curve[k], top) for k in ks], marker='o', ms=3, color=color, label=f'{axis} {size}')
             b = best(curve)
             ax.plot([b], [curve[b]], marker='*', ms=14, color=color, markeredgecolor='black')
-        ax.set_title(('SP' if p == 'sp' else f'μP (base width {base_width})') +
-                     f': {n_layer}-layer GPT, {max_iters} steps')
+        model = f'{n_layer}-layer GPT' if axis == 'width' else f'width {base_width}'
+        ax.set_title(f'{variant_title(variant)}:\n{model}, {max_iters} steps', fontsize=10)
         ax.set_xlabel('log2 learning rate')
         ax.set_xticks(log2_lrs)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('final val loss (shakespeare_char)')
     axes[0].set_ylim(lo - 0.05, top + 0.02)
-    axes[1].legend(fontsize=8)
-    fig.suptitle('learning-rate transfer: ★ = best lr per width; diverged or off-scale runs are drawn at the top edge', fontsize=9)
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(f'learning-rate transfer across {axis}: ★ = best lr; diverged or off-scale runs are drawn at the top edge',
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 def report_sweep(table):
-    print(f"\nbest log2(lr) per width ({max_iters} steps, final val loss):")
-    print(f"{'width':>6} {'SP':>10} {'μP':>10}")
-    for w in widths:
-        sp, mup = table['sp'][w], table['mup'][w]
-        print(f"{w:>6} {best(sp):>4} {sp[best(sp)]:.3f} {best(mup):>4} {mup[best(mup)]:.3f}")
-    for p in ('sp', 'mup'):
-        bests = [best(table[p][w]) for w in widths]
-        edge = [w for w, b in zip(widths, bests) if b in (min(log2_lrs), max(log2_lrs))]
-        note = f"; best on the grid's edge at widths {edge}: widen log2_lrs" if edge else ""
-        print(f"{p}: best lr moves by {max(bests) - min(bests)} grid steps across widths {widths}{note}")
+    axis, sizes = ('depth', depths) if depths else ('width', widths)
+    print(f"\nbest log2(lr) per {axis} ({max_iters} steps, final val loss):")
+    print(f"{axis:>6} " + ' '.join(f"{variant_title(v).split(' (')[0].split(':')[0]:>18}" for v in table))
+    for size in sizes:
+        print(f"{size:>6} " + ' '.join(f"{best(table[v][size]):>11} {table[v][size][best(table[v][size])]:.3f}"
+                                       for v in table))
+    for variant in table:
+        bests = [best(table[variant][size]) for size in sizes]
+        edge = [s for s, b in zip(sizes, bests) if b in (min(log2_lrs), max(log2_lrs))]
+        note = f"; best on the grid's edge at {axis}s {edge}: widen log2_lrs" if edge else ""
+        print(f"{variant}: best lr moves by {max(bests) - min(bests)} grid steps across {axis}s {sizes}{note}")
 
 # -----------------------------------------------------------------------------
 # --tune: tune muP at the base width, transfer, compare with SP at its own best lr per width
@@ -255,9 +301,9 @@ def line_search(runner, make, name, start, max_moves=4):
 def tune_mup(runner, it, start_log2_lr):
     """One round of coordinate search at the base width over _MUP_HPARAMS, lr first and again last
     (it interacts with every multiplier). Returns (hparams, loss, the lr-only hparams)."""
-    hp = dict(NEUTRAL, log2_lr=start_log2_lr)
+    hp = dict(NEUTRAL, log2_lr=start_log2_lr, **(dict(muon_lr_mult=muon_lr_mult) if optimizer == 'muon' else {}))
     trace = []
-    for name in _MUP_HPARAMS + ('log2_lr',):
+    for name in _MUP_HPARAMS + (('muon_lr_mult',) if optimizer == 'muon' else ()) + ('log2_lr',):
         make = lambda **kw: setting('mup', base_width, it=it, **dict(hp, **kw))
         hp[name], loss = line_search(runner, make, name, hp[name])
         trace.append((name, hp[name], loss))
@@ -282,7 +328,7 @@ def compare(runner):
         sp = {(it, w): searches.submit(sp_best_lr, runner, w, it, start) for it in horizons for w in widths}
         tuned = {it: f.result() for it, f in tuned.items()}
         sp_mults = {(it, w): searches.submit(sp_best_lr, runner, w, it, tuned[it][0]['log2_lr'],
-                                             {k: tuned[it][0][k] for k in NEUTRAL})
+                                             multipliers(tuned[it][0]))
                     for it in horizons for w in widths}
         sp = {k: f.result() for k, f in sp.items()}
         sp_mults = {k: f.result() for k, f in sp_mults.items()}
@@ -301,8 +347,9 @@ def report_compare(summary):
     for s in summary:
         hp = s['tuned']
         print(f"\n{s['max_iters']} steps; muP tuned at width {base_width}: lr 2^{hp['log2_lr']}, output x{hp['mup_output_mult']:g}, "
-              f"attn x{hp['mup_attn_mult']:g}, input x{hp['mup_input_mult']:g}, init_std {hp['init_std']:g} "
-              f"(lr only: 2^{s['lr_only']['log2_lr']})")
+              f"attn x{hp['mup_attn_mult']:g}, input x{hp['mup_input_mult']:g}, init_std {hp['init_std']:g}"
+              + (f", Muon lr x{hp['muon_lr_mult']:g}" if 'muon_lr_mult' in hp else '')
+              + f" (lr only: 2^{s['lr_only']['log2_lr']})")
         print(f"{'width':>6} {'SP own best lr':>18} {'SP + muP mults':>18} {'μP lr only':>11} {'μP tuned':>9}")
         for r in s['rows']:
             print(f"{r['width']:>6} {r['sp']:>10.3f} (2^{r['sp_log2_lr']}) {r['sp_mults']:>10.3f} (2^{r['sp_mults_log2_lr']}) "
@@ -375,15 +422,41 @@ def report_causes(results):
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# --joint: tune at the base width and depth, transfer to a wider and deeper model
+
+def study_joint(runner):
+    """For each horizon: the --tune search at base_width x n_layer (cached runs are reused), then
+    at joint_width x joint_depth with those values: muP with CompleteP, with depth-muP and with
+    no depth scaling (width-only muP), against SP at its own best lr there (a line search)."""
+    def one(it):
+        hp, base_loss, _, _ = tune_mup(runner, it, -8)
+        losses = evaluate(runner, [depth_setting(v, joint_depth, it=it, width=joint_width, **hp) for v in DEPTH_VARIANTS])
+        sp_log2_lr, sp = sp_best_lr(runner, joint_width, it, -9, dict(NEUTRAL, n_layer=joint_depth))
+        return dict(max_iters=it, tuned=hp, base=base_loss, sp_log2_lr=sp_log2_lr, sp=sp,
+                    **{variant: loss for variant, loss in zip(DEPTH_VARIANTS, losses)})
+    with ThreadPoolExecutor(len(horizons)) as pool:
+        return list(pool.map(one, horizons))
+
+def report_joint(rows):
+    print(f"\ntuned at width {base_width} x {n_layer} layers, transferred to {joint_width} x {joint_depth}; final val loss:")
+    print(f"{'steps':>6} {'base':>7} {'CompleteP':>10} {'depth-μP':>9} {'width-only μP':>14} {'SP own best lr':>20}")
+    for r in rows:
+        print(f"{r['max_iters']:>6} {r['base']:>7.3f} {r['CompleteP']:>10.3f} {r['depth-muP']:>9.3f} {r['none']:>14.3f} "
+              f"{r['sp']:>11.3f} (2^{r['sp_log2_lr']})")
+
 if __name__ == '__main__':
     from tqdm import tqdm
 
-    from configurator import configure
+    from configurator import ConfigError, configure
     configure(globals(), sys.argv[1:])
     if base_width not in widths:
-        raise ValueError(f"base_width={base_width} is not among widths={widths}: muP's reference model must be swept too")
-    if any(w % n_head for w in widths):
-        raise ValueError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
+        raise ConfigError(f"base_width={base_width} is not among widths={widths}: muP's reference model must be swept too")
+    if any(w % n_head for w in widths + [joint_width]):
+        raise ConfigError(f"every width must be a multiple of n_head={n_head}: got widths={widths}, joint_width={joint_width}")
+    if depths and (base_depth not in depths or base_depth != n_layer):
+        raise ConfigError(f"depths={depths}: must include base_depth={base_depth}, which must equal n_layer={n_layer} "
+                          f"(the depth the hyperparameters are tuned at)")
     for d in ('results', 'assets'):
         os.makedirs(os.path.join(_HERE, d), exist_ok=True)
     fixed = dict(dataset=dataset, base_width=base_width, n_layer=n_layer, n_head=n_head, batch_size=batch_size, block_size=block_size,
@@ -395,6 +468,8 @@ if __name__ == '__main__':
     with tqdm(desc='train.py runs', unit='run') as runner.progress:
         if causes:
             results = study_causes(runner)
+        elif joint:
+            rows = study_joint(runner)
         elif tune:
             summary = compare(runner)
         else:
@@ -404,6 +479,11 @@ if __name__ == '__main__':
         with open(os.path.join(_HERE, 'results', f'{out}_summary.json'), 'w') as f:
             json.dump(results, f, indent=1)
         print(f"\nwrote results/{out}_summary.json")
+    elif joint:
+        report_joint(rows)
+        with open(os.path.join(_HERE, 'results', f'{out}_joint.json'), 'w') as f:
+            json.dump(rows, f, indent=1)
+        print(f"\nwrote results/{out}_joint.json")
     elif tune:
         report_compare(summary)
         with open(os.path.join(_HERE, 'results', f'{out}_tuned.json'), 'w') as f:

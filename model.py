@@ -385,6 +385,33 @@ def set_lr(optimizer, lr):
         group['lr'] = lr * group['lr_scale']
 
 
+class Optimizers:
+    """Several optimizers used as one (Muon for the hidden matrices, AdamW for the rest): the
+    training loop, GradScaler and checkpoints see one param_groups list, step and state."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dict(self, state_dicts):
+        for optimizer, state_dict in zip(self.optimizers, state_dicts, strict=True):
+            optimizer.load_state_dict(state_dict)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config, attn_cls=MuPFlexAttention, _shapes_only=False):
@@ -507,9 +534,11 @@ class GPT(nn.Module):
         self.config = replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def param_groups(self, weight_decay):
-        """One param group per muP treatment (docs/mup.md), with `lr_scale` (the training loop sets
-        lr = schedule(it) * lr_scale on every group, see set_lr), `weight_decay` and `eps_scale`."""
+    def param_groups(self, weight_decay, optimizer='adamw', muon_lr_mult=1.0):
+        """One param group per muP treatment (docs/mup.md), each with `lr_scale` (the training loop
+        sets lr = schedule(it) * lr_scale on every group, see set_lr), `weight_decay`, `eps_scale`
+        and the `optimizer` that steps it: with optimizer='muon', torch's Muon for the hidden
+        matrices and AdamW for the rest."""
         c = self.config
         depth_lr = c.depth_mult ** (c.mup_depth_alpha - 1) # CompleteP: in-block lr x m_L^(alpha - 1)
         groups = {}
@@ -517,33 +546,48 @@ class GPT(nn.Module):
             if not p.requires_grad:
                 continue
             kind, m, in_block = self.mup_param_info[name]
-            # muP: Adam's hidden-matrix lr / m. Weight decay x m keeps the decay per step, lr * wd,
-            # the same at every width (as MuAdamW; mup_scale_weight_decay). No decay for vectors.
-            width_lr = m ** -c.mup_hidden_lr_exponent if kind == 'hidden' else 1.0
-            wd = 0.0 if kind == 'vector' else weight_decay / width_lr if c.mup_scale_weight_decay else weight_decay
+            opt = 'muon' if kind == 'hidden' and optimizer == 'muon' else 'adamw'
+            if opt == 'muon':
+                # Muon's orthogonalized update has its size set by the lr (with torch's 'original'
+                # sqrt(max(1, fan_out / fan_in))), which the spectral condition wants width-independent:
+                # no 1/m, and so weight decay as is, lr * wd being width-independent (docs/mup.md, Muon)
+                width_lr, wd = muon_lr_mult, weight_decay
+            else:
+                # muP: Adam's hidden-matrix lr / m. Weight decay x m keeps the decay per step, lr * wd,
+                # the same at every width (as MuAdamW; mup_scale_weight_decay). No decay for vectors.
+                width_lr = m ** -c.mup_hidden_lr_exponent if kind == 'hidden' else 1.0
+                wd = 0.0 if kind == 'vector' else weight_decay / width_lr if c.mup_scale_weight_decay else weight_decay
             lr_scale = width_lr * (depth_lr if in_block else 1.0)
             # CompleteP's Adam eps: / m_N everywhere, and / m_L^alpha inside the residual branches,
             # whose gradients the branch multiplier shrinks (docs/mup.md, depth)
             eps_scale = 1.0
             if c.mup_base_depth:
                 eps_scale = c.width_mult ** -1 * (c.depth_mult ** -c.mup_depth_alpha if in_block else 1.0)
-            name = kind + (' in blocks' if in_block and c.depth_mult != 1 else '')
+            name = kind + (' in blocks' if in_block and c.depth_mult != 1 else '') + (' (Muon)' if opt == 'muon' else '')
             groups.setdefault((name, lr_scale, wd, eps_scale), dict(params=[], name=name, lr_scale=lr_scale,
-                              weight_decay=wd, eps_scale=eps_scale))['params'].append(p)
+                              weight_decay=wd, eps_scale=eps_scale, optimizer=opt))['params'].append(p)
         for g in groups.values():
             print(f"param group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} "
                   f"parameters, lr_scale {g['lr_scale']:.4g}, weight_decay {g['weight_decay']:.4g}, "
                   f"eps_scale {g['eps_scale']:.4g}")
         return list(groups.values())
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
-        """AdamW over param_groups, each group at learning_rate * lr_scale and eps * eps_scale."""
-        groups = self.param_groups(weight_decay)
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8, optimizer='adamw',
+                             muon_lr_mult=1.0, muon_momentum=0.95):
+        """AdamW over param_groups, each group at learning_rate * lr_scale and eps * eps_scale; with
+        optimizer='muon', torch's Muon steps the hidden matrices, and the two step as one."""
+        groups = self.param_groups(weight_decay, optimizer, muon_lr_mult)
         for g in groups:
-            g.update(lr=learning_rate * g['lr_scale'], eps=eps * g['eps_scale'])
+            g['lr'] = learning_rate * g['lr_scale']
         # Create AdamW optimizer and use the fused version if it is available
         use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **(dict(fused=True) if use_fused else {}))
+        adamw = torch.optim.AdamW([dict(g, eps=eps * g['eps_scale']) for g in groups if g['optimizer'] == 'adamw'],
+                                  lr=learning_rate, betas=betas, eps=eps, **(dict(fused=True) if use_fused else {}))
+        if optimizer == 'adamw':
+            return adamw
+        muon = torch.optim.Muon([g for g in groups if g['optimizer'] == 'muon'], lr=learning_rate,
+                                momentum=muon_momentum, adjust_lr_fn='original')
+        return Optimizers(muon, adamw)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """ estimate model flops utilization (MFU) as a fraction of `peak_flops`

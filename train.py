@@ -58,7 +58,10 @@ n_embd = 384
 block_size = 256
 dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
 bias = False # do we use bias inside LayerNorm and Linear layers?
-# adamw optimizer
+# optimizer: 'adamw', or 'muon' (torch's Muon for the hidden matrices, AdamW for the rest)
+optimizer = 'adamw'
+muon_lr_mult = 1.0 # the Muon group's lr is learning_rate x muon_lr_mult: a muTransfer hyperparameter
+muon_momentum = 0.95
 learning_rate = 1e-3 # max learning rate: the base lr, which each muP group scales by its lr_scale
 max_iters = 5000 # total number of training iterations
 weight_decay = 1e-1
@@ -103,6 +106,9 @@ def check_config():
         ('adam_eps', 0 < adam_eps < math.inf, 'a finite number > 0'),
         ('grad_clip', 0 <= grad_clip < math.inf, 'a finite number >= 0 (0 = no clipping)'),
         ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'"),
+        ('optimizer', optimizer in ('adamw', 'muon'), "'adamw' or 'muon'"),
+        ('muon_lr_mult', 0 < muon_lr_mult < math.inf, 'a finite number > 0'),
+        ('muon_momentum', 0 <= muon_momentum < 1, 'in [0, 1)'),
         ('init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'"),
     ]
     for key, ok, must_be in rules:
@@ -213,6 +219,10 @@ def load_checkpoint():
         raise ConfigError(f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:\n"
                           + "\n".join(differ) + "\nResume with the config file and flags of the run that "
                           "wrote it (only attn_backend may change).")
+    if checkpoint['config'].get('optimizer', 'adamw') != optimizer:
+        raise ConfigError(f"optimizer={optimizer!r}: {ckpt_path} was trained with "
+                          f"optimizer={checkpoint['config'].get('optimizer', 'adamw')!r}, whose state it holds; "
+                          f"resume with that optimizer")
     changed = [f"{k} {v!r} -> {config[k]!r}" for k, v in checkpoint['config'].items()
                if k != 'init_from' and k in config and config[k] != v]
     if changed and master_process:
@@ -242,7 +252,8 @@ if master_process:
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
 
 # optimizer: one group per muP treatment, each with its lr_scale
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, adam_eps)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, adam_eps,
+                                       optimizer, muon_lr_mult, muon_momentum)
 if checkpoint is not None:
     # load_state_dict also restores the saved hyperparameters (weight_decay, betas): keep this run's
     hyperparameters = [{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups]

@@ -21,7 +21,9 @@ import math
 import pytest
 import torch
 
-from coord_check import build_model, measure, random_batch, run_widths, slopes
+from conftest import quiet
+from coord_check import build_model, measure, random_batch, run_widths, slope, slopes
+from model import GPT, GPTConfig, MuPFlexAttention
 
 WIDTHS = [128, 256, 512, 1024]
 BASE_WIDTH = 64
@@ -91,3 +93,55 @@ def test_mup_best_lr_transfers_across_width():
 def test_sp_best_lr_shrinks_with_width():
     best = best_log2_lrs('sp')
     assert best[0] - best[-1] >= 2, best  # measured: 3 to 5 steps smaller at 8x width
+
+# ---- invariant 7: the 1/d attention law, behaviourally. The coordinate check above cannot see the
+# logit scale (attention is still nearly uniform after 4 steps). Here a 1-layer GPT memorises one
+# 16x16 batch of a task that needs sharp attention (the target is the token 3 positions back) in 20
+# Adam steps at lr 3e-2, which aligns q and k, so that q.k grows like d_head. The statistic is the
+# logit of the key that holds the answer minus the mean logit of its row: how sharp attention has
+# become. Slope against width 128..1024 (n_head fixed, so d_head grows), measured over seeds 0-4:
+# -0.12..0.05 with muP's sqrt(d_base)/d_head, 0.30..0.53 with SP's 1/sqrt(d_head) (sqrt(d) would be 0.5).
+
+class RecordScores(MuPFlexAttention):
+    def attend(self, q, k, v, mask):
+        T = q.size(2)
+        score = (q * self.scale) @ k.transpose(-2, -1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        row_mean = score.masked_fill(~causal, 0).sum(-1) / causal.sum(-1)
+        answer = torch.arange(3, T)
+        self.logit_gap = (score[..., answer, answer - 3] - row_mean[..., 3:]).mean().item()
+        return super().attend(q, k, v, mask)
+
+
+def logit_gap_slope(scale_law, seed=0, steps=20, lr=3e-2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(16, (16, 16), generator=g)
+    y = torch.roll(x, 3, 1)
+    y[:, :3] = -1 # no target before the copied token exists
+    gaps = []
+    for width in WIDTHS:
+        torch.manual_seed(seed)
+        config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=4, n_embd=width, bias=False,
+                           mup_base_width=BASE_WIDTH)
+        model = quiet(GPT, config, RecordScores)
+        if scale_law == '1/sqrt(d)':
+            model.transformer.h[0].attn.scale = 1 / math.sqrt(config.head_dim)
+        optimizer = quiet(model.configure_optimizers, 0.0, lr, (0.9, 0.99), 'cpu')
+        for _ in range(steps):
+            model(x, y)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model(x, y)
+        gaps.append(model.transformer.h[0].attn.logit_gap)
+    assert min(gaps) > 1, gaps # attention has sharpened at every width
+    return slope(WIDTHS, gaps)
+
+
+def test_attention_sharpness_is_flat_in_width_under_the_1_over_d_law():
+    s = logit_gap_slope('mup')
+    assert abs(s) <= 0.2, s
+
+
+def test_attention_sharpness_grows_with_width_under_1_over_sqrt_d():
+    s = logit_gap_slope('1/sqrt(d)')
+    assert s >= 0.25, s

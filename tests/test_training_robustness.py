@@ -65,10 +65,10 @@ def copy_run(reference, to):
     return to
 
 
-def assert_resume_matches_reference(out_dir, reference, cwd):
+def assert_resume_matches_reference(out_dir, reference, cwd, *args):
     """Resume out_dir to iter 40: every logged loss and the final weights equal the reference's bitwise."""
     k = load(out_dir / 'ckpt.pt')['iter_num']
-    resumed = iter_losses(ok(train(*RESUMABLE, '--max_iters=40', f'--out_dir={out_dir}', '--init_from=resume',
+    resumed = iter_losses(ok(train(*RESUMABLE, *args, '--max_iters=40', f'--out_dir={out_dir}', '--init_from=resume',
                                    cwd=cwd)))
     assert sorted(resumed) == list(range(k, 41))
     expected = iter_losses(reference[0])
@@ -86,6 +86,23 @@ def test_resume_after_sigkill_logs_the_same_losses_bitwise(workdir, reference):
     assert proc.wait() == -signal.SIGKILL
     assert 20 <= load(out_dir / 'ckpt.pt')['iter_num'] < 40
     assert_resume_matches_reference(out_dir, reference, workdir)
+
+
+def test_resume_with_muon_after_sigkill_logs_the_same_losses_bitwise(workdir):
+    """Muon for the hidden matrices and AdamW for the rest: both states and the schedule resume."""
+    muon = ['--optimizer=muon', '--muon_lr_mult=4', '--mup_base_width=16']
+    reference = ok(train(*RESUMABLE, *muon, '--max_iters=40', f'--out_dir={workdir / "muon-reference"}', cwd=workdir))
+    out_dir = workdir / 'muon-killed'
+    proc = start(*RESUMABLE, *muon, '--max_iters=1000', f'--out_dir={out_dir}', cwd=workdir)
+    read_until(proc, r'iter 21:')
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    saved = load(out_dir / 'ckpt.pt')['optimizer']
+    assert len(saved) == 2 and all(s['state'] for s in saved) # Muon's momentum and AdamW's moments
+    assert_resume_matches_reference(out_dir, (reference, workdir / 'muon-reference'), workdir, *muon)
+    proc = train(*RESUMABLE, '--mup_base_width=16', '--max_iters=41', f'--out_dir={out_dir}', '--init_from=resume',
+                 cwd=workdir) # AdamW cannot take over Muon's state
+    assert proc.returncode != 0 and "optimizer='adamw'" in proc.stderr and "optimizer='muon'" in proc.stderr
 
 
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(workdir, reference):
@@ -209,12 +226,13 @@ def test_unwritable_out_dir_fails_before_training(workdir, tmp_path):
     assert 'iter 0' not in proc.stdout
 
 
-def test_ddp_two_processes_match_one_process_with_accumulation(workdir):
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_ddp_two_processes_match_one_process_with_accumulation(workdir, optimizer):
     # the same global batch: 2 micro-batches, accumulated in one process or one per process
-    args = ['--gradient_accumulation_steps=2', '--max_iters=19', '--eval_interval=100']
-    one = iter_losses(ok(train(*args, f'--out_dir={workdir / "one"}', cwd=workdir)))
+    args = ['--gradient_accumulation_steps=2', '--max_iters=19', '--eval_interval=100', f'--optimizer={optimizer}']
+    one = iter_losses(ok(train(*args, f'--out_dir={workdir / ("one" + optimizer)}', cwd=workdir)))
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    two = iter_losses(ok(train(*args, f'--out_dir={workdir / "ddp"}', cwd=workdir, launcher=torchrun)))
+    two = iter_losses(ok(train(*args, f'--out_dir={workdir / ("ddp" + optimizer)}', cwd=workdir, launcher=torchrun)))
     assert sorted(one) == sorted(two) == list(range(20))
     assert max(abs(float(one[i]) - float(two[i])) for i in one) < 1e-5, (one, two)
 
