@@ -37,7 +37,7 @@ import sys
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, set_lr
+from model import GPT, GPTConfig, MuPFlexAttention, set_lr
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
@@ -91,11 +91,11 @@ def fixed_batch(batch_size, block_size, seed):
     return xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), vocab_size, 'shakespeare_char train.bin'
 
 def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, base_width=64,
-                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, **depth_scaling):
+                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, attn_cls=MuPFlexAttention, **depth_scaling):
     """A GPT of n_embd=width, as train.py builds it (no bias, no dropout, tied readout), SP or
     muP relative to base_width. heads='fixed' keeps n_head; heads='grow' keeps head_dim and
     tells muP the base model's head dim (mup_base_head_dim). depth_scaling: mup_base_depth and
-    mup_depth_alpha."""
+    mup_depth_alpha. attn_cls: the attention class (a MuPFlexAttention subclass)."""
     if param not in ('sp', 'mup'):
         raise ValueError(f"param={param!r}: use 'sp' or 'mup'")
     if heads not in ('fixed', 'grow'):
@@ -107,7 +107,7 @@ def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, b
                        mup_base_head_dim=head_dim if mup and heads == 'grow' else 0, **depth_scaling)
     torch.manual_seed(seed)
     with contextlib.redirect_stdout(io.StringIO()): # GPT prints its parameter count
-        return GPT(config)
+        return GPT(config, attn_cls)
 
 def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_lr_mult=1.0):
     """Take `steps` optimizer steps on the batch (x, y) at constant lr, each param group at
@@ -148,7 +148,7 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_l
     return h, dh, losses
 
 def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=None, n_layer=2,
-               n_head=4, head_dim=16, base_width=64, progress=None, **optimizer):
+               n_head=4, head_dim=16, base_width=64, progress=None, attn_cls=MuPFlexAttention, **optimizer):
     """measure() at every width with the same batch and seed. batch: (x, y, vocab_size), default
     random tokens. Returns [{'size' (the width), 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
     if len(widths) < 2:
@@ -157,7 +157,7 @@ def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=
     results = []
     for width in widths:
         model = build_model(width, param, heads, n_layer, n_head, head_dim, base_width,
-                            vocab_size, x.size(1), seed)
+                            vocab_size, x.size(1), seed, attn_cls)
         h, dh, losses = measure(model, x, y, lr, steps, **optimizer)
         # the block outputs and the logits are what the width check compares
         keep = lambda stats: {k: v for k, v in stats.items() if k.endswith(('attn', 'mlp', 'logits'))}

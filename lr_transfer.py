@@ -187,7 +187,7 @@ def mean_val(records):
 
 def setting(param, width, log2_lr, it, **hparams):
     muon = dict(optimizer='muon', muon_lr_mult=muon_lr_mult, muon_momentum=muon_momentum) if optimizer == 'muon' else {}
-    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **dict(NEUTRAL, **muon, **hparams))
+    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **{**NEUTRAL, **muon, **hparams})
 
 def multipliers(hp):
     """The transferred values of tuned hparams but the lr (init std and multipliers, Muon's included)."""

@@ -145,3 +145,24 @@ def test_attention_sharpness_is_flat_in_width_under_the_1_over_d_law():
 def test_attention_sharpness_grows_with_width_under_1_over_sqrt_d():
     s = logit_gap_slope('1/sqrt(d)')
     assert s >= 0.25, s
+
+
+# ---- weight decay: the fraction of a hidden matrix that decay removes per step, lr * wd, is the same
+# at every width (AdamW: lr / m and wd * m; Muon: both as is). With a zero loss only decay acts.
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_weight_decay_removes_the_same_fraction_of_hidden_weights_at_every_width(optimizer):
+    x, y = random_batch(4, 16, 0)
+    widths = [64, 128, 256, 512]
+    removed = []
+    for width in widths:
+        model = build_model(width, 'mup', base_width=BASE_WIDTH, block_size=16)
+        opt = quiet(model.configure_optimizers, 0.1, 1e-2, (0.9, 0.99), 'cpu', optimizer=optimizer)
+        weight = model.transformer.h[0].mlp.c_fc.weight
+        before = weight.norm().item()
+        for _ in range(3):
+            (0.0 * model(x, y)[1]).backward() # zero gradients: Adam's and Muon's updates vanish
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        removed.append(1 - weight.norm().item() / before)
+    assert removed[0] > 1e-3 and abs(slope(widths, removed)) <= 0.01, removed
