@@ -46,7 +46,8 @@ import torch
 from tqdm import tqdm
 
 from configurator import configure
-from model import GPT, GPTConfig, MuPFlexAttention, attention_probs, set_lr
+from attn_mods import attention_probs
+from model import GPT, GPTConfig, MuPFlexAttention, set_lr
 
 # -----------------------------------------------------------------------------
 # settings, each overridable with --key=value

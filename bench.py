@@ -8,6 +8,7 @@ the ratios stay fair. Prints tables and writes everything to `out_file` (JSON).
 $ python bench.py                                   # training steps and attention, this machine
 $ python bench.py --attn_mod=alibi --compile=both   # a score_mod model; eager vs torch.compile
 $ python bench.py --modes=attention --seq_lens=256  # attention only
+$ python bench.py --modes=train --optimizers=adamw,muon  # a training step with AdamW and with Muon
 $ python bench.py --modes=gpu                       # CUDA only: flex vs flash, flex vs dense
                                                     # gradients, GPT-2 124M with compile and bf16
 """
@@ -25,7 +26,8 @@ import torch
 from torch.nn import functional as F
 
 from configurator import configure
-from model import ATTN_MODS, GPT, GPTConfig, MuPFlexAttention, device_peak_flops, parse_attn_mod
+from attn_mods import ATTN_MODS, parse_attn_mod
+from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
 # -----------------------------------------------------------------------------
 modes = ('train', 'attention') # any of 'train', 'attention', 'gpu' (CUDA only)
@@ -42,6 +44,7 @@ attn_backend = 'all' # 'all' (every backend that applies here) or one of 'auto',
 parameterization = 'both' # 'sp', 'mup' or 'both'
 mup_base_width = 96 # the muP rows: muP relative to this width (a multiple of n_head), SP otherwise
 compile = 'False' # 'False', 'True' or 'both': torch.compile the model (train) and attend() (attention); rows say which
+optimizers = ('adamw',) # the training-step rows' optimizers, any of 'adamw', 'muon' (Muon for the hidden matrices)
 # the attention-only benchmark: (batch_size, n_head, T, n_embd // n_head) inputs, every catalog mod
 seq_lens = (64, 256, 1024)
 # the GPU checks (modes=gpu)
@@ -115,14 +118,16 @@ def quietly(fn, *args, **kwargs):
 
 # ---- training steps
 
-def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, ptdtype, base_width):
-    """One row per (backend, parameterization, compile). Backend 'sdpa-direct' is DirectSDPA."""
+def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, ptdtype, base_width, opts=('adamw',)):
+    """One row per (backend, parameterization, compile, optimizer). Backend 'sdpa-direct' is DirectSDPA."""
     rows = []
     for backend in backends:
         for param in parameterizations:
             for compiled in compiles:
-                rows.append(dict(backend=backend, param=param, compile=compiled,
-                                 label=f"{backend}/{param}" + ("/compiled" if compiled else "")))
+                for opt in opts:
+                    rows.append(dict(backend=backend, param=param, compile=compiled, optimizer=opt,
+                                     label=f"{backend}/{param}" + ("/compiled" if compiled else "") +
+                                           ("/muon" if opt == 'muon' else "")))
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=g).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -136,7 +141,7 @@ def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, p
                           mup_base_width=base_width if row['param'] == 'mup' else 0)
         torch.manual_seed(seed)
         model = quietly(GPT, row_cfg, DirectSDPA if direct else MuPFlexAttention).to(device)
-        optimizer = quietly(model.configure_optimizers, 0.1, 1e-3, (0.9, 0.95), device.type)
+        optimizer = quietly(model.configure_optimizers, 0.1, 1e-3, (0.9, 0.95), device.type, optimizer=row['optimizer'])
         scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
         step_model = torch.compile(model) if row['compile'] else model
         row['resolved'] = 'sdpa (direct)' if direct else model.transformer.h[0].attn.resolve_backend(device)
@@ -178,25 +183,28 @@ def mask_overheads(model, B, T, device, repeats=20):
 
 def train_ratios(rows):
     """The ratios the targets are stated in, from rows timed side by side (paired by round)."""
-    by = {(r['backend'], r['param'], r['compile']): r for r in rows}
-    ratios = {'mup_over_sp': {}, 'over_direct_sdpa': {}, 'compiled_over_eager': {}}
-    for (backend, param, compiled), r in by.items():
-        name = backend + ("/compiled" if compiled else "")
+    by = {(r['backend'], r['param'], r['compile'], r['optimizer']): r for r in rows}
+    ratios = {'mup_over_sp': {}, 'over_direct_sdpa': {}, 'compiled_over_eager': {}, 'muon_over_adamw': {}}
+    for (backend, param, compiled, opt), r in by.items():
+        name = backend + ("/compiled" if compiled else "") + ("/muon" if opt == 'muon' else "")
         vs = lambda key: paired_ratio(r['times_ms'], by[key]['times_ms'])
-        if param == 'mup' and (backend, 'sp', compiled) in by:
-            ratios['mup_over_sp'][name] = vs((backend, 'sp', compiled))
-        if backend != 'sdpa-direct' and ('sdpa-direct', param, compiled) in by:
-            ratios['over_direct_sdpa'][f"{name}/{param}"] = vs(('sdpa-direct', param, compiled))
-        if compiled and (backend, param, False) in by:
-            ratios['compiled_over_eager'][f"{backend}/{param}"] = vs((backend, param, False))
+        if param == 'mup' and (backend, 'sp', compiled, opt) in by:
+            ratios['mup_over_sp'][name] = vs((backend, 'sp', compiled, opt))
+        if backend != 'sdpa-direct' and ('sdpa-direct', param, compiled, opt) in by:
+            ratios['over_direct_sdpa'][f"{name}/{param}"] = vs(('sdpa-direct', param, compiled, opt))
+        if compiled and (backend, param, False, opt) in by:
+            ratios['compiled_over_eager'][f"{name}/{param}"] = vs((backend, param, False, opt))
+        if opt == 'muon' and (backend, param, compiled, 'adamw') in by:
+            ratios['muon_over_adamw'][f"{backend}/{param}" + ("/compiled" if compiled else "")] = \
+                vs((backend, param, compiled, 'adamw'))
     return {k: v for k, v in ratios.items() if v}
 
 
 def print_train(rows, ratios):
-    print(f"\n{'backend':<13}{'runs on':<15}{'param':<6}{'compile':<9}{'ms/step':>9}{'tokens/s':>10}"
+    print(f"\n{'backend':<13}{'runs on':<15}{'param':<6}{'compile':<9}{'optim':<7}{'ms/step':>9}{'tokens/s':>10}"
           f"{'MFU':>8}{'loss@0':>9}{'mask/step':>14}")
     for r in rows:
-        print(f"{r['backend']:<13}{r['resolved']:<15}{r['param']:<6}{str(r['compile']):<9}{r['ms_per_step']:9.1f}"
+        print(f"{r['backend']:<13}{r['resolved']:<15}{r['param']:<6}{str(r['compile']):<9}{r['optimizer']:<7}{r['ms_per_step']:9.1f}"
               f"{r['tokens_per_s']:10.0f}{100 * r['mfu']:7.1f}%{r['first_loss']:9.4f}{r['mask_ms']:7.3f}ms"
               f" {r['mask_pct']:5.2f}%")
     for name, values in ratios.items():
@@ -314,6 +322,8 @@ def check_settings():
     unknown = [m for m in modes if m not in ('train', 'attention', 'gpu')]
     if unknown or not modes:
         raise ValueError(f"modes={modes}: choose from 'train', 'attention', 'gpu', e.g. --modes=train,attention")
+    if not optimizers or any(o not in ('adamw', 'muon') for o in optimizers):
+        raise ValueError(f"optimizers={optimizers}: choose from 'adamw', 'muon', e.g. --optimizers=adamw,muon")
     if attn_backend != 'all' and attn_backend not in BACKENDS:
         raise ValueError(f"attn_backend={attn_backend!r}: use 'all' or one of {BACKENDS}")
     if parameterization not in ('sp', 'mup', 'both'):
@@ -363,7 +373,7 @@ if __name__ == '__main__':
             backends = [attn_backend]
         params = ['sp', 'mup'] if parameterization == 'both' else [parameterization]
         rows, peak = train_rows(cfg, ['sdpa-direct'] + backends, params, compiles, batch_size, device, ptdtype,
-                                mup_base_width)
+                                mup_base_width, optimizers)
         report['environment']['peak_flops'] = peak
         report['train'] = rows
         report['ratios'] = train_ratios(rows)

@@ -6,10 +6,10 @@ import pytest
 
 import bench as bench_module
 from conftest import ok, run_script
-from model import ATTN_MODS
+from attn_mods import ATTN_MODS
 
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--mup_base_width=16', '--block_size=16', '--batch_size=2',
-        '--vocab_size=11', '--seq_lens=8,16', '--warmup=1', '--iters=3']
+        '--vocab_size=11', '--seq_lens=8,16', '--warmup=1', '--iters=3', '--optimizers=adamw,muon']
 
 
 def test_bench_writes_every_row_and_the_target_ratios(tmp_path):
@@ -17,8 +17,11 @@ def test_bench_writes_every_row_and_the_target_ratios(tmp_path):
     report = json.loads((tmp_path / 'out.json').read_text())
     assert report['settings']['n_embd'] == 32 and report['environment']['device'] == 'cpu'
     # training steps: the direct-SDPA reference and every backend that trains on CPU, SP and muP
-    rows = {(r['backend'], r['param']): r for r in report['train']}
-    assert set(rows) == {(b, p) for b in ('sdpa-direct', 'auto', 'sdpa', 'dense') for p in ('sp', 'mup')}
+    muon = {(r['backend'], r['param']): r for r in report['train'] if r['optimizer'] == 'muon'}
+    rows = {(r['backend'], r['param']): r for r in report['train'] if r['optimizer'] == 'adamw'}
+    assert set(rows) == set(muon) == {(b, p) for b in ('sdpa-direct', 'auto', 'sdpa', 'dense') for p in ('sp', 'mup')}
+    assert report['ratios']['muon_over_adamw']['dense/mup'] == pytest.approx(bench_module.paired_ratio(
+        muon['dense', 'mup']['times_ms'], rows['dense', 'mup']['times_ms']))
     for r in rows.values():
         assert len(r['times_ms']) == 3 # one per timed round
         assert r['tokens_per_s'] == pytest.approx(2 * 16 / (r['ms_per_step'] / 1e3))
@@ -31,7 +34,7 @@ def test_bench_writes_every_row_and_the_target_ratios(tmp_path):
     ratios = report['ratios']
     assert ratios['over_direct_sdpa']['dense/mup'] == pytest.approx(bench_module.paired_ratio(
         rows['dense', 'mup']['times_ms'], rows['sdpa-direct', 'mup']['times_ms']))
-    assert set(ratios['mup_over_sp']) == {'sdpa-direct', 'auto', 'sdpa', 'dense'}
+    assert set(ratios['mup_over_sp']) == {b + o for b in ('sdpa-direct', 'auto', 'sdpa', 'dense') for o in ('', '/muon')}
     # attention only: every catalog mod at every T, against causal SDPA at that T
     cells = {(r['mod'], r['backend'], r['T']): r for r in report['attention']}
     expected = {(spec, 'dense', T) for spec in bench_module.CATALOG for T in (8, 16)}
@@ -59,6 +62,7 @@ def test_bench_gpu_mode_on_cpu_says_it_needs_cuda(tmp_path):
     ('attn_backend', 'fast', "use 'all' or one of"),
     ('parameterization', 'mu', "use 'sp', 'mup' or 'both'"),
     ('compile', 'yes', 'use False, True or both'),
+    ('optimizers', ('adamw', 'sgd'), "choose from 'adamw', 'muon'"),
 ])
 def test_bench_refuses_settings_it_does_not_know(monkeypatch, key, value, wanted):
     monkeypatch.setattr(bench_module, key, value)

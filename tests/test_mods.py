@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
-import model as model_module
+import attn_mods
 from conftest import quiet, tiny_config, tokens
 from coord_check import run_widths, slopes
-from model import GPT, MuPFlexAttention, attention_probs, causal, dense_attention, document_mask, sliding_window
+from attn_mods import attention_probs, causal, dense_attention, document_mask, sliding_window
+from model import GPT, MuPFlexAttention
 
 B, T, N_HEAD, HEAD_DIM = 2, 12, 2, 8
 DOC_IDS = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 2 + [1] * 10]) # (B, T): packed documents
@@ -138,8 +139,8 @@ def test_dense_query_blocks_equal_one_block(name, monkeypatch):
     q, k, v = (t.requires_grad_() for t in qkv())
     mask = attn.make_mask(B, T, q.device)
     keys_seen = []
-    probs = model_module.attention_probs
-    monkeypatch.setattr(model_module, 'attention_probs', lambda q, k, *a: keys_seen.append(k.size(2)) or probs(q, k, *a))
+    probs = attn_mods.attention_probs
+    monkeypatch.setattr(attn_mods, 'attention_probs', lambda q, k, *a: keys_seen.append(k.size(2)) or probs(q, k, *a))
 
     def run(query_block):
         out = dense_attention(q, k, v, mask, attn.active_score_mod(), attn.scale, query_block=query_block)

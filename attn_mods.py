@@ -1,0 +1,147 @@
+"""
+Attention mods: the catalog of attention patterns as FlexAttention mods, the `attn_mod` config
+strings that select them (model.py builds every layer's default mods from its string), and the
+dense backend that evaluates any mod with flex's meaning where flex cannot train (CPU).
+
+A mask mod `mask_mod(b, h, q_idx, kv_idx) -> bool` says which keys a query may see; a score mod
+`score_mod(score, b, h, q_idx, kv_idx) -> score` changes a logit before the softmax. They receive
+index tensors, so they must be written with tensor ops (no Python `if` on values, no .item(), no
+dict look-ups): flex traces them and the dense backend vmaps them. Combine masks with
+torch.nn.attention.flex_attention's and_masks / or_masks. Catalog in the style of
+meta-pytorch/attention-gym.
+"""
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+def sliding_window(window):
+    """Causal attention to the last `window` positions, the query's own included."""
+    def sliding_window_mask(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+    return sliding_window_mask
+
+def prefix_lm(prefix_len):
+    """Bidirectional over the first `prefix_len` tokens, causal after them."""
+    def prefix_lm_mask(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix_len) | (q_idx >= kv_idx)
+    return prefix_lm_mask
+
+def document_mask(document_ids):
+    """Packed sequences: causal attention within a document. document_ids: (B, T) integers."""
+    def document_causal_mask(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+    return document_causal_mask
+
+def alibi(slopes):
+    """Press et al. 2022: subtract slope[h] * distance. `slopes`: (n_head,), fixed or learned."""
+    def alibi_bias(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx)
+    return alibi_bias
+
+def alibi_slopes(n_head):
+    return 2.0 ** (-8.0 * torch.arange(1, n_head + 1) / n_head)
+
+def soft_cap(cap):
+    """Gemma 2: squash the attention logits smoothly into (-cap, cap)."""
+    def soft_cap_score(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+    return soft_cap_score
+
+def _positive_int(arg):
+    return arg.isdigit() and int(arg) > 0
+
+def _positive_finite(arg):
+    try:
+        return 0 < float(arg) < math.inf
+    except ValueError:
+        return False
+
+# attn_mod strings, 'name' or 'name:arg' -> (how to build (mask_mod, score_mod) for the attention
+# module `attn`, a check of the argument, how to write it). The mods are rebuilt at every use from
+# the module's tensors, so .to(), .double() and deepcopy never leave one holding stale slopes.
+ATTN_MODS = {
+    'causal':         (lambda attn, arg: (causal, None), lambda arg: arg == '', "attn_mod='causal'"),
+    'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), _positive_int,
+                       "a window length, a positive integer: attn_mod='sliding_window:128'"),
+    'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), _positive_int,
+                       "a prefix length, a positive integer: attn_mod='prefix_lm:32'"),
+    'alibi':          (lambda attn, arg: (causal, alibi(attn.alibi_slopes)), lambda arg: arg in ('', 'learned'),
+                       "attn_mod='alibi' (fixed slopes) or 'alibi:learned'"),
+    'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), _positive_finite,
+                       "a cap, a positive finite number: attn_mod='soft_cap:20'"),
+}
+
+def parse_attn_mod(spec):
+    """'sliding_window:128' -> ('sliding_window', '128'), or an error that says what to write."""
+    name, _, arg = spec.partition(':')
+    if name not in ATTN_MODS:
+        raise ValueError(f"attn_mod={spec!r}: unknown mod {name!r}; choose one of {sorted(ATTN_MODS)}, "
+                         f"or a comma-separated list of them, one per layer in turn")
+    if not ATTN_MODS[name][1](arg):
+        raise ValueError(f"attn_mod={spec!r}: write {ATTN_MODS[name][2]}")
+    return name, arg
+
+# -----------------------------------------------------------------------------
+# The dense backend: the reference that trains on CPU
+
+def vmap_bhqkv(mod, n_scores):
+    """`mod` evaluated at every (b, h, q_idx, kv_idx) with nested vmaps, as flex's own eager path
+    does, so that a mod written for flex means the same here. The first `n_scores` arguments are
+    (B, H, Q, KV) tensors; the index arguments are 1-d aranges."""
+    for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+        mod = torch.vmap(mod, in_dims=(0,) * n_scores + dims)
+    return mod
+
+
+def dense_mask(mask_mod, B, H, T, device):
+    """The mask as a boolean tensor, with a batch or head dim of 1 where it does not vary along it
+    (causal: (1, 1, T, T)), which SDPA and the dense backend broadcast."""
+    mask = vmap_bhqkv(mask_mod, 0)(*(torch.arange(n, device=device) for n in (B, H, T, T)))
+    if not torch.compiler.is_compiling(): # data-dependent: left out of compiled graphs
+        for dim in (0, 1):
+            if (mask == mask.narrow(dim, 0, 1)).all():
+                mask = mask.narrow(dim, 0, 1)
+    return mask
+
+
+def attention_probs(q, k, mask, score_mod, scale, q_offset=0):
+    """softmax over the keys of score_mod(scale * q.k) where the mask allows, and 0 on rows where
+    it allows nothing, as flex and SDPA give. q: (B, H, Tq, D) at positions q_offset.., k: (B, H,
+    Tk, D), mask: broadcastable to (B, H, Tq, Tk)."""
+    score = (q * scale) @ k.transpose(-2, -1) # scaling q costs Tq*D multiplies, not Tq*Tk
+    if score_mod is not None:
+        B, H, Tq, Tk = score.shape
+        idx = [torch.arange(n, device=q.device) for n in (B, H, Tq, Tk)]
+        score = vmap_bhqkv(score_mod, 1)(score, idx[0], idx[1], idx[2] + q_offset, idx[3])
+    # The mask as an additive bias: its backward is free, masked_fill's is one more pass over the
+    # scores. Finite, so a row with nothing to attend gives numbers, which the last factor zeroes.
+    bias = torch.zeros(mask.shape, dtype=score.dtype, device=q.device)
+    bias.masked_fill_(~mask, torch.finfo(score.dtype).min / 2)
+    return torch.softmax(score + bias, dim=-1) * mask.any(-1, keepdim=True)
+
+
+def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=128):
+    """The CPU reference backend: flex's semantics with autograd. Without a score_mod, SDPA with the
+    boolean mask does it all. With one, blocks of `query_block` queries each attend to the keys up
+    to the last one their mask reaches: causal attention skips a quarter of the scores at T = 256,
+    and each block's elementwise passes stay in cache (docs/mup-study.md, Benchmarks)."""
+    if score_mod is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+    T = q.size(2)
+    out = []
+    for q0 in range(0, T, query_block):
+        block_mask = mask[..., q0:q0 + query_block, :]
+        kv_end = T
+        if not torch.compiler.is_compiling(): # data-dependent: compiled graphs take every key
+            seen = block_mask.flatten(0, -2).any(0)
+            kv_end = max(1, int((seen * torch.arange(1, T + 1, device=q.device)).max()))
+        probs = attention_probs(q[:, :, q0:q0 + query_block], k[:, :, :kv_end], block_mask[..., :kv_end],
+                                score_mod, scale, q0)
+        out.append(F.dropout(probs, dropout_p) @ v[:, :, :kv_end])
+    return torch.cat(out, dim=2)
