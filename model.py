@@ -120,6 +120,20 @@ class LayerNorm(nn.Module):
         return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class QKV(nn.Module):
+    """nanoGPT's fused c_attn held as three (n_embd, n_embd) projections, so that Muon orthogonalizes
+    Q, K and V each on its own, which trains better than orthogonalizing the stack (docs/mup.md,
+    Muon). The forward is still one matmul, and the init draws the numbers of one fused matrix."""
+
+    def __init__(self, n_embd, bias):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(n_embd, n_embd, bias=bias) for _ in range(3))
+
+    def forward(self, x):
+        bias = None if self.q.bias is None else torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        return F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias)
+
+
 class MuPFlexAttention(nn.Module):
     """Multi-head causal self-attention whose pattern is a FlexAttention mask_mod and score_mod.
 
@@ -135,7 +149,7 @@ class MuPFlexAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = QKV(config.n_embd, config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True # GPT-2's scaled init of the projections into the residual stream
         self.resid_dropout = nn.Dropout(config.dropout)

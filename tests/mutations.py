@@ -38,7 +38,7 @@ MUTATIONS = {
                                       "logits = self(idx_cond)[0][:, -1, :] * self.config.width_mult / self.config.mup_output_mult"),
     'classified_by_name': ("a parameter is 'hidden' by its name, not by its shape", 'model.py',
                            "kind = 'hidden' if len(growing) >= 2 else",
-                           "kind = 'hidden' if name.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight')) else"),
+                           "kind = 'hidden' if name.endswith(('q.weight', 'k.weight', 'v.weight', 'c_proj.weight', 'c_fc.weight')) else"),
     'scale_twice_with_score_mod': ("the logit scale applied again before a score_mod", 'model.py',
                                    "return lambda score, b, h, q_idx, kv_idx: self.score_mod(score, b, h, q_idx, kv_idx)",
                                    "return lambda score, b, h, q_idx, kv_idx: self.score_mod(score * self.scale, b, h, q_idx, kv_idx)"),

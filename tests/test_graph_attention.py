@@ -138,7 +138,7 @@ def test_graph_parameters_are_not_hidden_and_get_gradients(width):
     gpt = quiet_gpt(config(n_embd=width, mup_base_width=16, attn_backend='dense'))
     for name in ('edge_type_bias', 'distance_bias', 'edge_gate'):
         assert gpt.mup_param_info[f'transformer.h.1.attn.{name}'] == ('embedding', 1.0, True)
-    assert gpt.mup_param_info['transformer.h.1.attn.c_attn.weight'] == ('hidden', width / 16, True)
+    assert gpt.mup_param_info['transformer.h.1.attn.c_attn.q.weight'] == ('hidden', width / 16, True)
     colours, labels, edges = nearest_friend_batch(4, NODES, 8, 3, 1, MAX_DIST, torch.Generator().manual_seed(0))
     set_graph(gpt, graph_tensors(edges, NODES, N_TYPES, MAX_DIST))
     gpt(colours, labels)[1].backward()

@@ -54,7 +54,7 @@ def test_optimizer_groups_carry_lr_scale():
     assert by_name['vector']['weight_decay'] == 0.0
     hidden = {id(p) for p in by_name['hidden']['params']}
     for name, p in model.named_parameters():
-        is_hidden = name.endswith(('c_attn.weight', 'c_proj.weight', 'c_fc.weight'))
+        is_hidden = name.endswith(('q.weight', 'k.weight', 'v.weight', 'c_proj.weight', 'c_fc.weight'))
         assert (id(p) in hidden) == is_hidden, name
     unscaled = make(n_embd=128, mup_base_width=32, mup_scale_weight_decay=False)
     groups = unscaled.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
@@ -206,7 +206,7 @@ def test_init_std_scales_as_mup_says():
         m = width / 64
         for name, p in model.named_parameters():
             std = p.std().item()
-            if name.endswith(('c_attn.weight', 'c_fc.weight')):
+            if name.endswith(('q.weight', 'k.weight', 'v.weight', 'c_fc.weight')):
                 assert std * math.sqrt(m) == pytest.approx(sigma, rel=0.05), name
             elif name.endswith('c_proj.weight'):
                 assert std * math.sqrt(m) == pytest.approx(sigma / math.sqrt(2 * L), rel=0.05), name
