@@ -187,7 +187,7 @@ class MuPFlexAttention(nn.Module):
         plain_causal = (type(self).mask_mod is MuPFlexAttention.mask_mod and self.catalog_mods()[0] is causal
                         and self.active_score_mod() is None)
         if self.backend == 'sdpa' and not plain_causal:
-            raise ValueError(f"attn_backend='sdpa' runs plain causal attention only, but this layer has a "
+            raise ValueError("attn_backend='sdpa' runs plain causal attention only, but this layer has a "
                              f"mask_mod or score_mod of its own: use 'auto', 'flex' or 'dense'")
         if self.backend != 'auto':
             return self.backend

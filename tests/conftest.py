@@ -2,6 +2,7 @@
 a user runs them, and a tiny prepared dataset (no download, nothing read from data/)."""
 import contextlib
 import io
+import math
 import os
 import subprocess
 import sys
@@ -62,6 +63,23 @@ def ok(proc):
     """The stdout of a process that must have succeeded."""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def best_log2_lr(model_args, log2_lrs, seed=0, steps=10, **optimizer):
+    """The best lr on a x2 grid (its log2) for fitting one 8x32 batch of random tokens in `steps`
+    constant-lr steps, as coord_check.measure takes them, with models from
+    coord_check.build_model(**model_args). A best lr on the grid's edge fails: the optimum would
+    be bounded, not measured."""
+    from coord_check import build_model, measure, random_batch
+    x, y = random_batch(8, 32, seed)
+    losses = []
+    for log2_lr in log2_lrs:
+        model = build_model(**model_args, block_size=32, seed=seed)
+        final = measure(model, x, y, 2.0 ** log2_lr, steps, **optimizer)[2][-1]
+        losses.append(final if math.isfinite(final) else math.inf)
+    i = losses.index(min(losses))
+    assert 0 < i < len(log2_lrs) - 1, f"{model_args}: best lr 2^{log2_lrs[i]} on the grid's edge {losses}"
+    return log2_lrs[i]
 
 
 @pytest.fixture(scope='session')

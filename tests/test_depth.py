@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import make_gpt, quiet, tokens
-from coord_check import build_model, measure, random_batch, run_depths, slopes
+from conftest import best_log2_lr, make_gpt, quiet, tokens
+from coord_check import run_depths, slopes
 
 BASE_WIDTH, BASE_DEPTH = 64, 2
 
@@ -112,23 +112,15 @@ def test_residual_stream_grows_with_depth_without_depth_scaling():
 LOG2_LRS = list(range(-11, -2))
 
 
-def best_log2_lr(depth, seed=0, steps=10, **scaling):
-    x, y = random_batch(8, 32, seed)
-    losses = []
-    for log2_lr in LOG2_LRS:
-        model = build_model(BASE_WIDTH, 'mup', n_layer=depth, base_width=BASE_WIDTH, block_size=32, seed=seed, **scaling)
-        final = measure(model, x, y, 2.0 ** log2_lr, steps)[2][-1]
-        losses.append(final if math.isfinite(final) else math.inf)
-    i = losses.index(min(losses))
-    assert 0 < i < len(LOG2_LRS) - 1, f"depth {depth}: best lr 2^{LOG2_LRS[i]} on the grid's edge {losses}"
-    return LOG2_LRS[i]
+def best_log2_lr_at(depth, **scaling):
+    return best_log2_lr(dict(width=BASE_WIDTH, param='mup', n_layer=depth, base_width=BASE_WIDTH, **scaling), LOG2_LRS)
 
 
 def test_completep_best_lr_transfers_across_depth():
-    best = [best_log2_lr(depth, mup_base_depth=BASE_DEPTH, mup_depth_alpha=1.0) for depth in DEPTHS]
+    best = [best_log2_lr_at(depth, mup_base_depth=BASE_DEPTH, mup_depth_alpha=1.0) for depth in DEPTHS]
     assert max(best) - min(best) <= 1, best # at most one x2 step over 8x depth (measured: 0, seeds 0-4)
 
 
 def test_without_depth_scaling_the_best_lr_shrinks_with_depth():
-    best = [best_log2_lr(depth) for depth in DEPTHS]
+    best = [best_log2_lr_at(depth) for depth in DEPTHS]
     assert best[0] - best[-1] >= 1, best # measured: 1 or 2 steps smaller at 8x depth, seeds 0-4

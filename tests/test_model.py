@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, make_gpt as make, quiet, tokens
+from conftest import TINY, make_gpt as make, tokens
 from model import GPTConfig, MuPFlexAttention
 
 

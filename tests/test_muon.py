@@ -2,14 +2,13 @@
 lr, AdamW the rest with the width rules; a coordinate check after a few Muon steps is flat in
 width under muP (and grows with Moonshot's RMS-matched update and under SP); the best learning
 rate stays put across 8x width."""
-import math
 
 import pytest
 import torch
 
 import model as model_module
-from conftest import make_gpt, quiet
-from coord_check import build_model, measure, random_batch, run_widths, slopes
+from conftest import best_log2_lr, make_gpt, quiet
+from coord_check import run_widths, slopes
 from model import set_lr
 
 WIDTHS = [128, 256, 512, 1024]
@@ -72,19 +71,9 @@ LR_WIDTHS = [32, 64, 128, 256]
 LOG2_LRS = list(range(-12, -1))
 
 
-def best_log2_lrs(param, seed=0, steps=10):
-    x, y = random_batch(8, 32, seed)
-    best = []
-    for width in LR_WIDTHS:
-        losses = []
-        for log2_lr in LOG2_LRS:
-            model = build_model(width, param, base_width=LR_WIDTHS[0], block_size=32, seed=seed)
-            final = measure(model, x, y, 2.0 ** log2_lr, steps, optimizer='muon', muon_lr_mult=MULT)[2][-1]
-            losses.append(final if math.isfinite(final) else math.inf)
-        i = losses.index(min(losses))
-        assert 0 < i < len(LOG2_LRS) - 1, f"{param} width {width}: best lr 2^{LOG2_LRS[i]} on the grid's edge {losses}"
-        best.append(LOG2_LRS[i])
-    return best
+def best_log2_lrs(param, seed=0):
+    return [best_log2_lr(dict(width=w, param=param, base_width=LR_WIDTHS[0]), LOG2_LRS, seed, optimizer='muon',
+                         muon_lr_mult=MULT) for w in LR_WIDTHS]
 
 
 def test_mup_muon_best_lr_transfers_across_width():

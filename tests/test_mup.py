@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
-from conftest import quiet
-from coord_check import build_model, measure, random_batch, run_widths, slope, slopes
+from conftest import best_log2_lr, quiet
+from coord_check import build_model, random_batch, run_widths, slope, slopes
 from model import GPT, GPTConfig, MuPFlexAttention
 
 WIDTHS = [128, 256, 512, 1024]
@@ -70,21 +70,9 @@ LR_WIDTHS = [32, 64, 128, 256]
 LOG2_LRS = list(range(-11, -2)) # 2^-11 .. 2^-3
 
 
-def best_log2_lrs(param, seed=0, steps=10):
-    """Best log2(lr) per width in LR_WIDTHS; a best lr on the grid's edge fails (the optimum
-    would not be measured, only bounded)."""
-    x, y = random_batch(8, 32, seed)
-    best = []
-    for width in LR_WIDTHS:
-        losses = []
-        for log2_lr in LOG2_LRS:
-            model = build_model(width, param, base_width=LR_WIDTHS[0], block_size=32, seed=seed)
-            final = measure(model, x, y, 2.0 ** log2_lr, steps)[2][-1]
-            losses.append(final if math.isfinite(final) else math.inf)
-        i = losses.index(min(losses))
-        assert 0 < i < len(LOG2_LRS) - 1, f"{param} width {width}: best lr 2^{LOG2_LRS[i]} on the grid's edge {losses}"
-        best.append(LOG2_LRS[i])
-    return best
+def best_log2_lrs(param, seed=0):
+    """Best log2(lr) per width in LR_WIDTHS."""
+    return [best_log2_lr(dict(width=w, param=param, base_width=LR_WIDTHS[0]), LOG2_LRS, seed) for w in LR_WIDTHS]
 
 def test_mup_best_lr_transfers_across_width():
     best = best_log2_lrs('mup')
