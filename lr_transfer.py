@@ -258,8 +258,9 @@ def plot_sweep(table, path):
     axes[0].set_ylabel('final val loss (shakespeare_char)')
     axes[0].set_ylim(lo - 0.05, top + 0.02)
     axes[-1].legend(fontsize=8)
-    fig.suptitle(f'learning-rate transfer across {axis}: ★ = best lr; diverged or off-scale runs are drawn at the top edge',
-                 fontsize=9)
+    muon = f'Muon (lr x{muon_lr_mult:g}) for the hidden matrices, AdamW for the rest; ' if optimizer == 'muon' else ''
+    fig.suptitle(f'learning-rate transfer across {axis}: {muon}★ = best lr; diverged or off-scale runs are drawn at the '
+                 f'top edge', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -373,7 +374,8 @@ def plot_compare(summary, path):
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel('final val loss')
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f'does μP pay off? μTransfer from width {base_width} vs SP tuned at every width', fontsize=10)
+    fig.suptitle(f'does μP pay off? μTransfer from width {base_width} vs SP tuned at every width'
+                 + (' (Muon for the hidden matrices)' if optimizer == 'muon' else ''), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -79,8 +79,8 @@ device = 'auto' # 'auto' (cuda > mps > cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto' # 'auto': bfloat16 where the GPU supports it, else float16 on CUDA; float32 elsewhere
 compile = True # use PyTorch 2.0 to compile the model to be faster
 seed = 1337
-model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
-globals().update({k: getattr(GPTConfig, k) for k in model_keys if k not in globals()})
+_model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
+globals().update({k: getattr(GPTConfig, k) for k in _model_keys if k not in globals()})
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
@@ -190,7 +190,7 @@ if os.path.exists(meta_path):
     with open(meta_path, 'rb') as f:
         meta_vocab_size = pickle.load(f)['vocab_size']
     print(f"found vocab_size = {meta_vocab_size} (inside {meta_path})")
-model_args = {k: config[k] for k in model_keys}
+model_args = {k: config[k] for k in _model_keys}
 model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 

@@ -55,3 +55,16 @@ def test_missing_dataset_names_the_prepare_command(tmp_path):
 def test_unknown_config_key_is_an_error(tmp_path):
     proc = run_script('train.py', '--learning_rat=1e-3', cwd=tmp_path)
     assert proc.returncode != 0 and 'learning_rate' in proc.stderr
+
+
+def test_help_lists_every_model_setting_once_and_nothing_internal(tmp_path):
+    """train.py takes the model's keys from GPTConfig's fields, each with a default."""
+    from dataclasses import fields
+
+    from model import GPTConfig
+    out = ok(run_script('train.py', '--help', cwd=tmp_path))
+    keys = re.findall(r'^  --(\w+)=', out, flags=re.M)
+    assert len(keys) == len(set(keys))
+    assert {f.name for f in fields(GPTConfig)} - set(keys) == {'vocab_size'} # from the dataset
+    assert {'optimizer', 'muon_lr_mult', 'learning_rate', 'compile'} <= set(keys)
+    assert not [k for k in keys if 'keys' in k or k.startswith('_')]
