@@ -194,8 +194,7 @@ class MuPFlexAttention(nn.Module):
         return 'sdpa' if plain_causal else 'flex' if device.type == 'cuda' else 'dense'
 
     def make_mask(self, B, T, device):
-        """The mask for a batch of B sequences of T tokens, as this layer's backend takes it: None for
-        SDPA (is_causal), a BlockMask for flex, a boolean tensor for dense."""
+        """The mask of B sequences of T tokens for this layer's backend: None (SDPA), BlockMask, bool tensor."""
         backend = self.resolve_backend(device)
         if backend == 'sdpa':
             return None
@@ -362,8 +361,7 @@ class GPT(nn.Module):
                 p.div_(math.sqrt(m)) # muP: hidden matrices' init variance ~ 1/fan_in (docs/mup.md)
 
     def get_num_params(self, non_embedding=True):
-        """Parameters, without the position embeddings by default (the token embeddings count: they
-        are the readout's weights too)."""
+        """Parameters, without the position embeddings by default (wte counts: it is the readout too)."""
         return sum(p.numel() for p in self.parameters()) - (self.transformer.wpe.weight.numel() if non_embedding else 0)
 
     def forward(self, idx, targets=None):
@@ -395,8 +393,7 @@ class GPT(nn.Module):
         return self.lm_head(x) * (self.config.mup_output_mult / self.config.width_mult)
 
     def crop_block_size(self, block_size):
-        # model surgery to decrease the block size if necessary
-        # e.g. we may load a checkpoint with block size 1024 but want to use a smaller block size
+        # model surgery, e.g. to use a checkpoint of block size 1024 with a smaller block size
         if block_size > self.config.block_size:
             raise ValueError(f"crop_block_size({block_size}): the model's block size is only {self.config.block_size}")
         self.config = replace(self.config, block_size=block_size)
@@ -458,8 +455,7 @@ class GPT(nn.Module):
         return Optimizers(muon, adamw)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model flops utilization as a fraction of `peak_flops` (default: A100 bf16, as nanoGPT; see
-        device_peak_flops). Flops per token as in the PaLM paper, Appendix B."""
+        """Model flops utilization against `peak_flops` (see device_peak_flops); flops as PaLM, Appendix B."""
         cfg = self.config
         flops_per_token = 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
         return flops_per_token * cfg.block_size * fwdbwd_per_iter / dt / peak_flops
@@ -469,7 +465,6 @@ class GPT(nn.Module):
         """Complete idx (b, t) by max_new_tokens tokens, recomputing the whole (cropped) context each
         step so that every mask sees true positions; temperature=0 is greedy. Use model.eval()."""
         for _ in range(max_new_tokens):
-            # if the sequence context is growing too long we must crop it at block_size
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits = self(idx_cond)[0][:, -1, :]
             if temperature == 0:
