@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import model as model_module
-from conftest import best_log2_lr, make_gpt, quiet
-from coord_check import run_widths, slopes
+from conftest import best_log2_lr, make_gpt, quiet, tokens
+from coord_check import run_widths, slope, slopes
 from model import set_lr
 
 WIDTHS = [128, 256, 512, 1024]
@@ -61,6 +61,34 @@ def test_rms_matched_muon_update_grows_with_width(monkeypatch):
 def test_sp_muon_coord_check_blows_up():
     s = muon_slopes('sp')
     assert max(abs(v) for v in s.values()) >= 0.8, s
+
+
+# ---- the spectral condition itself: one Muon step changes what a hidden matrix computes, on the
+# inputs it saw, by the same amount per coordinate at every width (mean|dW x| for MLP.c_fc of every
+# block, widths 128..1024). The coordinate check above cannot see a Muon lr that is too small at
+# width (AdamW's embeddings carry the change); this can. Slope vs log2 width over seeds 0-2:
+# muP -0.015..-0.004; with AdamW's 1/m on Muon's lr -1.02..-1.00; RMS-matched update 0.49..0.50.
+
+def hidden_update_slope(seed):
+    stats = []
+    for width in WIDTHS:
+        model = make_gpt(seed, n_embd=width, mup_base_width=64)
+        fcs = [block.mlp.c_fc for block in model.transformer.h]
+        inputs = []
+        hooks = [fc.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach())) for fc in fcs]
+        before = [fc.weight.detach().clone() for fc in fcs]
+        optimizer = quiet(model.configure_optimizers, 0.0, 3e-3, (0.9, 0.99), 'cpu', 1e-8, 'muon', MULT, 0.95)
+        model(tokens(B=8, seed=seed), tokens(B=8, seed=seed + 100))[1].backward()
+        optimizer.step()
+        for hook in hooks:
+            hook.remove()
+        stats.append(sum((x @ (fc.weight - w0).T).abs().mean().item() for x, fc, w0 in zip(inputs, fcs, before)))
+    return slope(WIDTHS, stats)
+
+
+def test_muon_hidden_update_is_the_same_size_at_every_width():
+    s = hidden_update_slope(seed=0)
+    assert abs(s) <= 0.2, s
 
 
 # ---- lr transfer with Muon: fit one 8x32 batch of random tokens in 10 steps, widths 32..256 (8x),
