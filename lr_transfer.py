@@ -374,7 +374,7 @@ def plot_compare(summary, path):
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel('final val loss')
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f'does μP pay off? μTransfer from width {base_width} vs SP tuned at every width'
+    fig.suptitle(f'does μP pay off? μTransfer from width {base_width}\nvs SP tuned at every width'
                  + (' (Muon for the hidden matrices)' if optimizer == 'muon' else ''), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
