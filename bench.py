@@ -256,7 +256,7 @@ def attention_rows(specs, seq_lens, B, n_head, head_dim, device, ptdtype, backen
 
 def print_attention(rows):
     lens = sorted({r['T'] for r in rows})
-    print(f"\nattention forward+backward, ms (x causal SDPA at the same T)")
+    print("\nattention forward+backward, ms (x causal SDPA at the same T)")
     print(f"{'mod':<20}{'backend':<15}" + "".join(f"{'T=' + str(T):>18}" for T in lens))
     for key in dict.fromkeys((r['mod'], r['backend']) for r in rows):
         cells = {r['T']: r for r in rows if (r['mod'], r['backend']) == key}
@@ -292,7 +292,7 @@ def gpu_checks(device, ptdtype):
 
     results['flex_vs_dense_grads'] = []
     torch.backends.cuda.matmul.allow_tf32 = False # compare the kernels' math, not TF32 rounding
-    print(f"\nflex vs dense gradients (float32, B=2 H=4 T=256 head_dim=64), max |diff| / the largest |grad|:")
+    print("\nflex vs dense gradients (float32, B=2 H=4 T=256 head_dim=64), max |diff| / the largest |grad|:")
     for spec in catalog_specs():
         grads = {}
         for backend in ('dense', 'flex'):

@@ -188,7 +188,7 @@ class MuPFlexAttention(nn.Module):
                         and self.active_score_mod() is None)
         if self.backend == 'sdpa' and not plain_causal:
             raise ValueError("attn_backend='sdpa' runs plain causal attention only, but this layer has a "
-                             f"mask_mod or score_mod of its own: use 'auto', 'flex' or 'dense'")
+                             "mask_mod or score_mod of its own: use 'auto', 'flex' or 'dense'")
         if self.backend != 'auto':
             return self.backend
         return 'sdpa' if plain_causal else 'flex' if device.type == 'cuda' else 'dense'
