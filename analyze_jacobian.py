@@ -31,8 +31,6 @@ $ python analyze_jacobian.py --ckpt=out-shakespeare-char --batch_size=8   # a tr
 Writes OUT/jacobian.json (every number) and OUT/jacobian.png (r_diag and cos_diag heatmaps).
 """
 
-import contextlib
-import io
 import json
 import os
 import pickle
@@ -128,8 +126,7 @@ class CapturingAttention(MuPFlexAttention):
 def capture_attention(model, x, y):
     """One forward and backward of a capturing copy of `model` (same weights, dense backend, eval
     mode: no dropout). Returns the loss and, per layer, (A, dL/dA, mask), each (B, n_head, T, T)."""
-    with contextlib.redirect_stdout(io.StringIO()): # GPT prints its parameter count
-        twin = GPT(replace(model.config, attn_backend='dense'), CapturingAttention).to(x.device)
+    twin = GPT(replace(model.config, attn_backend='dense'), CapturingAttention).to(x.device)
     twin.load_state_dict(model.state_dict())
     twin.eval()
     _, loss = twin(x, y)

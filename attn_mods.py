@@ -12,6 +12,9 @@ meta-pytorch/attention-gym.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -53,8 +56,31 @@ def soft_cap(cap):
         return cap * torch.tanh(score / cap)
     return soft_cap_score
 
+class Mods(NamedTuple):
+    """The two halves of an attention pattern; score_mod is None where scores stay as they are."""
+    mask_mod: Callable
+    score_mod: Callable | None
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One `attn_mod` name: how to build its mods, which arguments it takes, how to write one.
+
+    `build(attn, arg)` gets the attention module, so a mod can read its tensors (ALiBi's slopes).
+    Mods are rebuilt at every use from the module's current tensors: .to(), .double() and
+    deepcopy never leave a mod holding stale slopes."""
+    build: Callable[..., Mods]
+    accepts: Callable[[str], bool]
+    usage: str
+
+
+def _no_argument(arg):
+    return arg == ''
+
+
 def _positive_int(arg):
     return arg.isdigit() and int(arg) > 0
+
 
 def _positive_finite(arg):
     try:
@@ -62,29 +88,44 @@ def _positive_finite(arg):
     except ValueError:
         return False
 
-# attn_mod strings, 'name' or 'name:arg' -> (how to build (mask_mod, score_mod) for the attention
-# module `attn`, a check of the argument, how to write it). The mods are rebuilt at every use from
-# the module's tensors, so .to(), .double() and deepcopy never leave one holding stale slopes.
+
+def _alibi_argument(arg):
+    return arg in ('', 'learned')
+
+
 ATTN_MODS = {
-    'causal':         (lambda attn, arg: (causal, None), lambda arg: arg == '', "attn_mod='causal'"),
-    'sliding_window': (lambda attn, arg: (sliding_window(int(arg)), None), _positive_int,
-                       "a window length, a positive integer: attn_mod='sliding_window:128'"),
-    'prefix_lm':      (lambda attn, arg: (prefix_lm(int(arg)), None), _positive_int,
-                       "a prefix length, a positive integer: attn_mod='prefix_lm:32'"),
-    'alibi':          (lambda attn, arg: (causal, alibi(attn.alibi_slopes)), lambda arg: arg in ('', 'learned'),
-                       "attn_mod='alibi' (fixed slopes) or 'alibi:learned'"),
-    'soft_cap':       (lambda attn, arg: (causal, soft_cap(float(arg))), _positive_finite,
-                       "a cap, a positive finite number: attn_mod='soft_cap:20'"),
+    'causal': CatalogEntry(
+        build=lambda attn, arg: Mods(causal, None),
+        accepts=_no_argument,
+        usage="attn_mod='causal'"),
+    'sliding_window': CatalogEntry(
+        build=lambda attn, arg: Mods(sliding_window(int(arg)), None),
+        accepts=_positive_int,
+        usage="a window length, a positive integer: attn_mod='sliding_window:128'"),
+    'prefix_lm': CatalogEntry(
+        build=lambda attn, arg: Mods(prefix_lm(int(arg)), None),
+        accepts=_positive_int,
+        usage="a prefix length, a positive integer: attn_mod='prefix_lm:32'"),
+    'alibi': CatalogEntry(
+        build=lambda attn, arg: Mods(causal, alibi(attn.alibi_slopes)),
+        accepts=_alibi_argument,
+        usage="attn_mod='alibi' (fixed slopes) or 'alibi:learned'"),
+    'soft_cap': CatalogEntry(
+        build=lambda attn, arg: Mods(causal, soft_cap(float(arg))),
+        accepts=_positive_finite,
+        usage="a cap, a positive finite number: attn_mod='soft_cap:20'"),
 }
+
 
 def parse_attn_mod(spec):
     """'sliding_window:128' -> ('sliding_window', '128'), or an error that says what to write."""
     name, _, arg = spec.partition(':')
     if name not in ATTN_MODS:
-        raise ValueError(f"attn_mod={spec!r}: unknown mod {name!r}; choose one of {sorted(ATTN_MODS)}, "
-                         f"or a comma-separated list of them, one per layer in turn")
-    if not ATTN_MODS[name][1](arg):
-        raise ValueError(f"attn_mod={spec!r}: write {ATTN_MODS[name][2]}")
+        raise ValueError(f"attn_mod={spec!r}: unknown mod {name!r}; choose one of "
+                         f"{sorted(ATTN_MODS)}, or a comma-separated list of them, one per layer "
+                         f"in turn")
+    if not ATTN_MODS[name].accepts(arg):
+        raise ValueError(f"attn_mod={spec!r}: write {ATTN_MODS[name].usage}")
     return name, arg
 
 # -----------------------------------------------------------------------------
@@ -94,7 +135,9 @@ def vmap_bhqkv(mod, n_scores):
     """`mod` evaluated at every (b, h, q_idx, kv_idx) with nested vmaps, as flex's own eager path
     does, so that a mod written for flex means the same here. The first `n_scores` arguments are
     (B, H, Q, KV) tensors; the index arguments are 1-d aranges."""
-    for dims in ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None)):
+    index_dims = [(None, None, None, 0), (None, None, 0, None), (None, 0, None, None),
+                  (0, None, None, None)]  # kv_idx innermost, b outermost
+    for dims in index_dims:
         mod = torch.vmap(mod, in_dims=(0,) * n_scores + dims)
     return mod
 
@@ -132,7 +175,8 @@ def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=
     to the last one their mask reaches: causal attention skips a quarter of the scores at T = 256,
     and each block's elementwise passes stay in cache (docs/mup-study.md, Benchmarks)."""
     if score_mod is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              dropout_p=dropout_p)
     T = q.size(2)
     out = []
     for q0 in range(0, T, query_block):
@@ -141,7 +185,8 @@ def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=
         if not torch.compiler.is_compiling(): # data-dependent: compiled graphs take every key
             seen = block_mask.flatten(0, -2).any(0)
             kv_end = max(1, int((seen * torch.arange(1, T + 1, device=q.device)).max()))
-        probs = attention_probs(q[:, :, q0:q0 + query_block], k[:, :, :kv_end], block_mask[..., :kv_end],
-                                score_mod, scale, q0)
+        q_block = q[:, :, q0:q0 + query_block]
+        probs = attention_probs(q_block, k[:, :, :kv_end], block_mask[..., :kv_end], score_mod,
+                                scale, q0)
         out.append(F.dropout(probs, dropout_p) @ v[:, :, :kv_end])
     return torch.cat(out, dim=2)

@@ -27,9 +27,7 @@ what tests/test_mup.py and tests/test_depth.py use, so the tests and the figures
 implementation.
 """
 
-import contextlib
 import csv
-import io
 import os
 import pickle
 import sys
@@ -106,8 +104,7 @@ def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, b
                        dropout=0.0, bias=False, mup_base_width=base_width if mup else 0,
                        mup_base_head_dim=head_dim if mup and heads == 'grow' else 0, **depth_scaling)
     torch.manual_seed(seed)
-    with contextlib.redirect_stdout(io.StringIO()): # GPT prints its parameter count
-        return GPT(config, attn_cls)
+    return GPT(config, attn_cls)
 
 def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_lr_mult=1.0):
     """Take `steps` optimizer steps on the batch (x, y) at constant lr, each param group at
@@ -123,8 +120,8 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_l
             def hook(module, inputs, output, name=name):
                 outputs[name] = output.detach()
             hooks.append(module.register_forward_hook(hook))
-    with contextlib.redirect_stdout(io.StringIO()): # configure_optimizers prints its groups
-        optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu', optimizer=optimizer, muon_lr_mult=muon_lr_mult)
+    optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu', optimizer=optimizer,
+                                           muon_lr_mult=muon_lr_mult)
     set_lr(optimizer, lr)
     h, dh, losses, first = [], [], [], None
     model.train()

@@ -17,9 +17,7 @@ $ python graph_attention.py                       # CPU: graph model, then the b
 $ python graph_attention.py --max_iters=600 --n_embd=128 --mup_base_width=64
 """
 
-import contextlib
 import functools
-import io
 import sys
 import time
 from typing import NamedTuple
@@ -203,9 +201,8 @@ if __name__ == '__main__':
         torch.manual_seed(seed)
         config = GPTConfig(block_size=num_nodes, vocab_size=num_colours, n_layer=n_layer, n_head=n_head,
                            n_embd=n_embd, bias=False, mup_base_width=mup_base_width, attn_backend=attn_backend)
-        with contextlib.redirect_stdout(io.StringIO()): # parameter count and param groups
-            model = GPT(config, attn_cls).to(device)
-            optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.99), device.split(':')[0])
+        model = GPT(config, attn_cls).to(device)
+        optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.99), device.split(':')[0])
         data = torch.Generator().manual_seed(seed)
         t0 = time.time()
         for it in range(max_iters):

@@ -15,10 +15,10 @@ meta-pytorch/attention-gym (the mods catalog, in attn_mods.py).
 """
 
 import functools
-import inspect
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -26,59 +26,79 @@ from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from attn_mods import ATTN_MODS, alibi_slopes, causal, dense_attention, dense_mask, parse_attn_mod
+from muon import Muon
 
 # -----------------------------------------------------------------------------
+
+ATTN_BACKENDS = ('auto', 'sdpa', 'flex', 'dense')
+
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304 # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    vocab_size: int = 50304 # GPT-2's 50257, padded up to a multiple of 64 for efficiency
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True # True: bias in Linears and LayerNorms, like GPT-2. False: a bit better and faster
+    bias: bool = True # biases in Linears and LayerNorms, like GPT-2; False: a bit better and faster
     # muP (docs/mup.md): 0 = SP; otherwise the width the hyperparameters were tuned at
     mup_base_width: int = 0
-    mup_base_head_dim: int = 0 # 0: mup_base_width // n_head (widening keeps n_head, nanoGPT's habit)
+    # the base model's head dim; 0 = mup_base_width // n_head (widening keeps n_head, as nanoGPT)
+    mup_base_head_dim: int = 0
     # muTransfer hyperparameters: tuned at the base width, kept when widening
     init_std: float = 0.02
     mup_input_mult: float = 1.0
     mup_output_mult: float = 1.0
     mup_attn_mult: float = 1.0
-    mup_scale_weight_decay: bool = True # hidden weight decay * m, so that lr * wd does not change with width
-    mup_hidden_lr_exponent: float = 1.0 # hidden lr / m**exponent: 1 is muP; others only for lr_transfer.py --causes
-    # depth muP (CompleteP, docs/mup.md): 0 = off; otherwise the depth the hyperparameters were tuned at
+    # hidden weight decay x m, so that lr * wd does not change with width
+    mup_scale_weight_decay: bool = True
+    # hidden lr / m**exponent: 1 is muP; other values only for the finite-width study
+    mup_hidden_lr_exponent: float = 1.0
+    # depth muP (CompleteP, docs/mup.md): 0 = off; else the depth the hyperparameters were tuned at
     mup_base_depth: int = 0
-    mup_depth_alpha: float = 1.0 # residual branches x (n_layer / mup_base_depth)^-alpha: 1 = CompleteP, 0.5 = depth-muP
+    # residual branches x (n_layer / mup_base_depth)^-alpha: 1 = CompleteP, 0.5 = depth-muP
+    mup_depth_alpha: float = 1.0
     tie_weights: bool = True # lm_head shares wte; untied, the readout starts at zero
     attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
     attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
 
     def __post_init__(self):
-        c = self
-        rules = [(getattr(c, k) > 0, f"{k}={getattr(c, k)} must be positive")
-                 for k in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd')] + [
-            (0.0 <= c.dropout < 1.0, f"dropout={c.dropout} must be in [0, 1)"),
-            (c.n_embd % c.n_head == 0, f"n_embd={c.n_embd} is not divisible by n_head={c.n_head}: pick a multiple"),
-            (min(c.mup_base_width, c.mup_base_head_dim, c.mup_base_depth) >= 0,
-             "mup_base_width, mup_base_head_dim and mup_base_depth must be >= 0 (0 = off / derived)"),
-            (0.5 <= c.mup_depth_alpha <= 1.0, f"mup_depth_alpha={c.mup_depth_alpha}: must be in [0.5, 1] (1 = CompleteP)"),
-            (c.mup_base_width or not c.mup_base_head_dim, f"mup_base_head_dim={c.mup_base_head_dim} only has a "
-             f"meaning under muP: set mup_base_width too, or leave mup_base_head_dim=0"),
-            (c.mup_base_head_dim or c.mup_base_width % c.n_head == 0, f"mup_base_width={c.mup_base_width} is not "
-             f"divisible by n_head={c.n_head}: the base model keeps n_head heads; set mup_base_head_dim to its head dim"),
-            (c.attn_backend in ('auto', 'sdpa', 'flex', 'dense'), f"attn_backend={c.attn_backend!r}: use 'auto', "
-             f"'sdpa', 'flex' or 'dense'"),
-        ]
-        for ok, problem in rules:
-            if not ok:
-                raise ValueError(problem)
+        """Checks in order, each only once those it relies on have passed, so that a bad value
+        is reported as such (n_head=0 is 'must be positive', never a ZeroDivisionError)."""
+        for key in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                             f"pick a multiple")
+        for key in ('mup_base_width', 'mup_base_head_dim', 'mup_base_depth'):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0 (0 = off / derived)")
+        if not 0.5 <= self.mup_depth_alpha <= 1.0:
+            raise ValueError(f"mup_depth_alpha={self.mup_depth_alpha}: must be in [0.5, 1] "
+                             f"(1 = CompleteP, 0.5 = depth-muP)")
+        if self.mup_base_head_dim and not self.mup_base_width:
+            raise ValueError(f"mup_base_head_dim={self.mup_base_head_dim} only has a meaning under "
+                             f"muP: set mup_base_width too, or leave mup_base_head_dim=0")
+        if self.mup_base_width and not self.mup_base_head_dim and self.mup_base_width % self.n_head:
+            raise ValueError(f"mup_base_width={self.mup_base_width} is not divisible by "
+                             f"n_head={self.n_head}: the base model keeps n_head heads; set "
+                             f"mup_base_head_dim to its head dim")
         if self.mup_base_width % self.base_head_dim:
             raise ValueError(f"mup_base_width={self.mup_base_width} is not a multiple of "
                              f"mup_base_head_dim={self.mup_base_head_dim}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend={self.attn_backend!r}: use one of "
+                             f"{', '.join(map(repr, ATTN_BACKENDS))}")
         for spec in self.attn_mod.split(','):
-            parse_attn_mod(spec)
+            name, _ = parse_attn_mod(spec)
+            if self.attn_backend == 'sdpa' and name != 'causal':
+                raise ValueError(f"attn_mod={spec!r} with attn_backend='sdpa': SDPA runs plain "
+                                 f"causal attention only; use attn_backend='auto', 'flex' or "
+                                 f"'dense'")
 
     @property
     def head_dim(self):
@@ -121,9 +141,10 @@ class LayerNorm(nn.Module):
 
 
 class QKV(nn.Module):
-    """nanoGPT's fused c_attn held as three (n_embd, n_embd) projections, so that Muon orthogonalizes
-    Q, K and V each on its own, which trains better than orthogonalizing the stack (docs/mup.md,
-    Muon). The forward is still one matmul, and the init draws the numbers of one fused matrix."""
+    """nanoGPT's fused c_attn held as three (n_embd, n_embd) projections, so that Muon
+    orthogonalizes Q, K and V each on its own, which trains better than orthogonalizing the stack
+    (docs/mup.md, Muon). The forward is still one matmul, and the init draws the numbers of one
+    fused matrix."""
 
     def __init__(self, n_embd, bias):
         super().__init__()
@@ -140,61 +161,82 @@ class MuPFlexAttention(nn.Module):
     Subclasses override `mask_mod(b, h, q_idx, kv_idx)` and/or `score_mod(score, b, h, q_idx,
     kv_idx)`; the defaults are the config's attn_mod. `score` arrives already scaled by muP's
     logit scale: never rescale it. Parameters a subclass creates in __init__ are classified by
-    shape (GPT._classify_params) and get muP's init, learning rate and weight decay, and gradients
-    on every backend. Layers of one class and attn_mod share the mask of a forward: GPT.forward
-    builds it once, from the first of them, so a mask_mod may read data (document ids, a graph)
-    but must not differ between those layers.
+    shape (GPT._classify_params) and get muP's init, learning rate and weight decay, and
+    gradients on every backend.
+
+    Layers of one class and attn_mod share the mask of a forward: GPT.forward builds it once,
+    from the first of them, so a mask_mod may read data (document ids, a graph) but must not
+    differ between those layers.
     """
 
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
         self.c_attn = QKV(config.n_embd, config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_proj.residual_proj = True # GPT-2's scaled init of the projections into the residual stream
+        # GPT-2's scaled init of the projections into the residual stream
+        self.c_proj.residual_proj = True
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout # attention-probability dropout (sdpa and dense; flex has none)
+        self.dropout = config.dropout # dropout of the attention probabilities (flex has none)
         # muP's attention logits scale like 1/d_head, not 1/sqrt(d_head) (docs/mup.md, attention).
         # Written sqrt(d_base) / d_head, it is SP's 1/sqrt(d_head) at the base head dim.
         self.scale = config.mup_attn_mult * math.sqrt(config.base_head_dim) / config.head_dim
-        self.attn_mod, self.backend = config.attn_mod, config.attn_backend
+        self.attn_mod = config.attn_mod
+        self.backend = config.attn_backend
         name, arg = parse_attn_mod(config.attn_mod)
         if name == 'alibi' and arg == 'learned':
-            self.alibi_slopes = nn.Parameter(alibi_slopes(config.n_head)) # one per head: a 'vector' to muP
+            # one slope per head: a 'vector' to muP (lr as is, no decay)
+            self.alibi_slopes = nn.Parameter(alibi_slopes(config.n_head))
         elif name == 'alibi':
             self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
 
     def catalog_mods(self):
-        """(mask_mod, score_mod or None) of this module's attn_mod."""
+        """The Mods (mask_mod, score_mod) of this module's attn_mod string."""
         name, arg = parse_attn_mod(self.attn_mod)
-        return ATTN_MODS[name][0](self, arg)
+        return ATTN_MODS[name].build(self, arg)
 
     def mask_mod(self, b, h, q_idx, kv_idx):
-        return self.catalog_mods()[0](b, h, q_idx, kv_idx)
+        return self.catalog_mods().mask_mod(b, h, q_idx, kv_idx)
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
-        return self.catalog_mods()[1](score, b, h, q_idx, kv_idx)
+        return self.catalog_mods().score_mod(score, b, h, q_idx, kv_idx)
+
+    def has_score_mod(self):
+        """False only where scores pass unchanged: no score_mod override, none in the catalog."""
+        overridden = type(self).score_mod is not MuPFlexAttention.score_mod
+        return overridden or self.catalog_mods().score_mod is not None
+
+    def is_plain_causal(self):
+        """Causal attention with nothing added: what SDPA's fused kernels compute."""
+        overridden = type(self).mask_mod is not MuPFlexAttention.mask_mod
+        causal_mask = not overridden and self.catalog_mods().mask_mod is causal
+        return causal_mask and not self.has_score_mod()
 
     def active_score_mod(self):
-        """The score_mod as a plain function (flex rejects bound methods), or None if there is none."""
-        if type(self).score_mod is MuPFlexAttention.score_mod and self.catalog_mods()[1] is None:
+        """The score_mod as a plain function (flex rejects bound methods), or None if none."""
+        if not self.has_score_mod():
             return None
         return lambda score, b, h, q_idx, kv_idx: self.score_mod(score, b, h, q_idx, kv_idx)
 
     def resolve_backend(self, device):
-        """'auto': SDPA's fused kernels for plain causal attention; else flex on CUDA, and the dense
-        reference elsewhere (flex has no backward on CPU)."""
-        plain_causal = (type(self).mask_mod is MuPFlexAttention.mask_mod and self.catalog_mods()[0] is causal
-                        and self.active_score_mod() is None)
-        if self.backend == 'sdpa' and not plain_causal:
-            raise ValueError("attn_backend='sdpa' runs plain causal attention only, but this layer has a "
-                             "mask_mod or score_mod of its own: use 'auto', 'flex' or 'dense'")
+        """'auto': SDPA's fused kernels for plain causal attention; else flex on CUDA, and the
+        dense reference elsewhere (flex has no backward on CPU)."""
+        if self.backend == 'sdpa' and not self.is_plain_causal():
+            raise ValueError(f"attn_backend='sdpa' runs plain causal attention only, but "
+                             f"{type(self).__name__} has a mask_mod or score_mod of its own: use "
+                             f"attn_backend='auto', 'flex' or 'dense'")
         if self.backend != 'auto':
             return self.backend
-        return 'sdpa' if plain_causal else 'flex' if device.type == 'cuda' else 'dense'
+        if self.is_plain_causal():
+            return 'sdpa'
+        if device.type == 'cuda':
+            return 'flex'
+        return 'dense'
 
     def make_mask(self, B, T, device):
-        """The mask of B sequences of T tokens for this layer's backend: None (SDPA), BlockMask, bool tensor."""
+        """The mask of B sequences of T tokens for this layer's backend: None (SDPA's own causal
+        mask), a flex BlockMask, or a boolean tensor (dense)."""
         backend = self.resolve_backend(device)
         if backend == 'sdpa':
             return None
@@ -207,17 +249,27 @@ class MuPFlexAttention(nn.Module):
         """q, k, v: (B, n_head, T, head_dim) -> (B, n_head, T, head_dim); mask from make_mask."""
         dropout_p = self.dropout if self.training else 0.0
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                  dropout_p=dropout_p)
         if isinstance(mask, BlockMask):
-            flex = compiled_flex_attention() if q.device.type == 'cuda' else flex_attention
-            return flex(q, k, v, score_mod=self.active_score_mod(), block_mask=mask, scale=self.scale)
+            if q.device.type == 'cuda':
+                flex = compiled_flex_attention()
+            else:
+                flex = flex_attention
+            return flex(q, k, v, score_mod=self.active_score_mod(), block_mask=mask,
+                        scale=self.scale)
         return dense_attention(q, k, v, mask, self.active_score_mod(), self.scale, dropout_p)
 
     def forward(self, x, mask):
-        B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        y = self.attend(q, k, v, mask).transpose(1, 2).contiguous().view(B, T, C)
+        B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
+        y = self.attend(q, k, v, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C) # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
 
 @functools.cache
 def compiled_flex_attention():
@@ -270,20 +322,32 @@ class Optimizers:
 
     def __init__(self, *optimizers):
         self.optimizers = optimizers
+
     @property
     def param_groups(self):
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
     def step(self):
         for optimizer in self.optimizers:
             optimizer.step()
+
     def zero_grad(self, set_to_none=True):
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
+
     def state_dict(self):
         return [optimizer.state_dict() for optimizer in self.optimizers]
+
     def load_state_dict(self, state_dicts):
         for optimizer, state_dict in zip(self.optimizers, state_dicts, strict=True):
             optimizer.load_state_dict(state_dict)
+
+
+class ParamInfo(NamedTuple):
+    """What muP needs to know of one parameter (docs/mup.md, per-parameter rules)."""
+    kind: str # 'hidden' (two dims grow with width), 'embedding' (one, or a finite table), 'vector'
+    width_mult: float # m along its fan-in, the last growing dim; 1 under SP
+    in_block: bool # inside a residual branch, where depth scaling applies
 
 
 class GPT(nn.Module):
@@ -296,7 +360,8 @@ class GPT(nn.Module):
             wte = nn.Embedding(config.vocab_size, config.n_embd),
             wpe = nn.Embedding(config.block_size, config.n_embd),
             drop = nn.Dropout(config.dropout),
-            h = nn.ModuleList([Block(config.layer_config(i), attn_cls) for i in range(config.n_layer)]),
+            h = nn.ModuleList([Block(config.layer_config(i), attn_cls)
+                               for i in range(config.n_layer)]),
             ln_f = LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -305,35 +370,49 @@ class GPT(nn.Module):
             self.transformer.wte.weight = self.lm_head.weight
         if _shapes_only: # a throwaway model on the meta device, only read for its parameter shapes
             return
+        if config.attn_backend == 'sdpa':
+            for block in self.transformer.h:
+                block.attn.resolve_backend(torch.device('cpu')) # a subclass's own mods: fail now
         self.mup_param_info = self._classify_params()
         self._init_weights()
-        print("number of parameters: %.2fM" % (self.get_num_params()/1e6,))
 
     # ---- muP: the one place that decides each parameter's treatment (docs/mup.md)
     def _classify_params(self):
-        """{name: (kind, m, in_block)}: each parameter's muP class, found by comparing its shape with
-        the same parameter in the base-width model (microsoft/mup's set_base_shapes idea), so
-        parameters a subclass adds are treated right without a list of names. A dim grows if it
-        differs from the base model's (at the base width: from a 2x wider model's). Two growing dims:
-        'hidden'; else two or more dims: 'embedding' (wte, wpe, the readout, per-head tables); else
-        'vector' (LayerNorms, biases). m is the ratio of the last growing dim (the fan-in), 1 under
-        SP. in_block: inside a residual branch, where depth scaling applies."""
+        """{name: ParamInfo}: each parameter's muP class, found by comparing its shape with the
+        same parameter in the base-width model (microsoft/mup's set_base_shapes idea), so that
+        parameters a subclass adds are treated right without a list of names.
+
+        A dim grows if it differs from the base model's (at the base width: from a 2x wider
+        model's). Two growing dims: 'hidden'; else two or more dims: 'embedding' (wte, wpe, the
+        readout, per-head tables); else 'vector' (LayerNorms, biases)."""
         c = self.config
         base_width = c.mup_base_width or c.n_embd
-        base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim, mup_base_width=0,
-                       mup_base_head_dim=0)
+        base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim,
+                       mup_base_width=0, mup_base_head_dim=0)
         base_shapes = self._param_shapes(base)
-        wider_shapes = self._param_shapes(replace(base, n_embd=2 * base_width)) if c.n_embd == base_width else None
+        at_base_width = c.n_embd == base_width
+        if at_base_width: # nothing differs from the base model here: compare with a wider one
+            compared_shapes = self._param_shapes(replace(base, n_embd=2 * base_width))
         info = {}
         for name, p in self.named_parameters():
             if name not in base_shapes:
-                raise ValueError(f"parameter {name} does not exist in the base-width model: create parameters "
-                                 f"in __init__ from the config alone, so that muP can compare their shapes")
-            ref = wider_shapes[name] if wider_shapes else tuple(p.shape)
-            growing = [i for i, (b, r) in enumerate(zip(base_shapes[name], ref)) if b != r]
-            m = p.shape[growing[-1]] / base_shapes[name][growing[-1]] if growing else 1.0
-            kind = 'hidden' if len(growing) >= 2 else 'embedding' if p.dim() >= 2 else 'vector'
-            info[name] = (kind, m, name.startswith('transformer.h.'))
+                raise ValueError(f"parameter {name} does not exist in the base-width model: create "
+                                 f"parameters in __init__ from the config alone, so that muP can "
+                                 f"compare their shapes")
+            base_shape = base_shapes[name]
+            shape = compared_shapes[name] if at_base_width else tuple(p.shape)
+            growing = [dim for dim in range(p.dim()) if shape[dim] != base_shape[dim]]
+            width_mult = 1.0
+            if growing:
+                fan_in = growing[-1]
+                width_mult = p.shape[fan_in] / base_shape[fan_in]
+            if len(growing) >= 2:
+                kind = 'hidden'
+            elif p.dim() >= 2:
+                kind = 'embedding'
+            else:
+                kind = 'vector'
+            info[name] = ParamInfo(kind, width_mult, in_block=name.startswith('transformer.h.'))
         return info
 
     def _param_shapes(self, config):
@@ -344,33 +423,49 @@ class GPT(nn.Module):
     @torch.no_grad()
     def _init_weights(self):
         c = self.config
+        # GPT-2's residual projections / sqrt(2 L), with the base depth's L under CompleteP, so
+        # that the init does not change with depth (docs/mup.md, depth)
+        residual_depth = c.mup_base_depth or c.n_layer
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                # GPT-2's residual projections / sqrt(2 L), with the base depth's L under CompleteP, so
-                # the init does not change with depth (docs/mup.md, depth)
-                residual_depth = c.mup_base_depth or c.n_layer
-                std = c.init_std / math.sqrt(2 * residual_depth) if getattr(module, 'residual_proj', False) else c.init_std
+                std = c.init_std
+                if getattr(module, 'residual_proj', False):
+                    std = c.init_std / math.sqrt(2 * residual_depth)
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, 'bias', None) is not None:
                     torch.nn.init.zeros_(module.bias)
         if not c.tie_weights:
-            torch.nn.init.zeros_(self.lm_head.weight) # docs/mup.md: an untied readout starts at zero (SP too)
+            # docs/mup.md: an untied readout starts at zero (SP too)
+            torch.nn.init.zeros_(self.lm_head.weight)
         for name, p in self.named_parameters():
-            kind, m, _ = self.mup_param_info[name]
-            if kind == 'hidden':
-                p.div_(math.sqrt(m)) # muP: hidden matrices' init variance ~ 1/fan_in (docs/mup.md)
+            info = self.mup_param_info[name]
+            if info.kind == 'hidden':
+                # muP: a hidden matrix's init variance ~ 1/fan_in (docs/mup.md)
+                p.div_(math.sqrt(info.width_mult))
 
     def get_num_params(self, non_embedding=True):
-        """Parameters, without the position embeddings by default (wte counts: it is the readout too)."""
-        return sum(p.numel() for p in self.parameters()) - (self.transformer.wpe.weight.numel() if non_embedding else 0)
+        """
+        Return the number of parameters in the model.
+        For non-embedding count (default), the position embeddings get subtracted.
+        The token embeddings would too, except due to the parameter sharing these
+        params are actually used as weights in the final layer, so we include them.
+        """
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
 
     def forward(self, idx, targets=None):
         b, t = idx.size()
         if t > self.config.block_size:
-            raise ValueError(f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+            raise ValueError(f"Cannot forward sequence of length {t}, block size is only "
+                             f"{self.config.block_size}")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) # shape (t)
+
+        tok_emb = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
         # muP's input multiplier: a constant tuned at the base width (docs/mup.md)
-        x = self.transformer.drop(self.config.mup_input_mult * (self.transformer.wte(idx) + self.transformer.wpe(pos)))
+        x = self.transformer.drop(self.config.mup_input_mult * (tok_emb + pos_emb))
         masks = {} # one mask per attention pattern, built once and passed to its layers
         for block in self.transformer.h:
             pattern = (type(block.attn), block.attn.attn_mod)
@@ -379,12 +474,15 @@ class GPT(nn.Module):
             x = block(x, masks[pattern])
         x = self.transformer.ln_f(x)
 
-        if targets is None:
-            x = x[:, [-1], :] # inference-time mini-optimization: only forward the lm_head on the very last position
-        logits = self.readout(x)
-        loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            # if we are given some desired targets also calculate the loss
+            logits = self.readout(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=-1)
+        else:
+            # inference-time mini-optimization: only forward the lm_head on the very last position
+            logits = self.readout(x[:, [-1], :]) # note: using list [-1] to preserve the time dim
+            loss = None
         return logits, loss
 
     def readout(self, x):
@@ -395,78 +493,108 @@ class GPT(nn.Module):
     def crop_block_size(self, block_size):
         # model surgery, e.g. to use a checkpoint of block size 1024 with a smaller block size
         if block_size > self.config.block_size:
-            raise ValueError(f"crop_block_size({block_size}): the model's block size is only {self.config.block_size}")
+            raise ValueError(f"crop_block_size({block_size}): the model's block size is only "
+                             f"{self.config.block_size}")
         self.config = replace(self.config, block_size=block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def param_groups(self, weight_decay, optimizer='adamw', muon_lr_mult=1.0):
-        """One param group per muP treatment (docs/mup.md), each with `lr_scale` (the training loop
-        sets lr = schedule(it) * lr_scale on every group, see set_lr), `weight_decay`, `eps_scale`
-        and the `optimizer` that steps it: with optimizer='muon', torch's Muon for the hidden
-        matrices and AdamW for the rest."""
+        """One param group per muP treatment (docs/mup.md), each a dict with `name`, `params`,
+        `lr_scale` (the training loop sets lr = schedule(it) * lr_scale on every group, see
+        set_lr), `weight_decay`, `eps_scale` and `optimizer`, the one that steps it: with
+        optimizer='muon', Muon for the hidden matrices and AdamW for the rest."""
         c = self.config
-        depth_lr = c.depth_mult ** (c.mup_depth_alpha - 1) # CompleteP: in-block lr x m_L^(alpha - 1)
+        # CompleteP: the lr inside the residual branches x m_L^(alpha - 1) (docs/mup.md, depth)
+        depth_lr = c.depth_mult ** (c.mup_depth_alpha - 1)
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            kind, m, in_block = self.mup_param_info[name]
-            opt = 'muon' if kind == 'hidden' and optimizer == 'muon' else 'adamw'
-            if opt == 'muon':
-                # Muon's orthogonalized update has its size set by the lr (with torch's 'original'
-                # sqrt(max(1, fan_out / fan_in))), which the spectral condition wants width-independent:
-                # no 1/m, and so weight decay as is, lr * wd being width-independent (docs/mup.md, Muon)
-                width_lr, wd = muon_lr_mult, weight_decay
-            else:
-                # muP: Adam's hidden-matrix lr / m. Weight decay x m keeps the decay per step, lr * wd,
-                # the same at every width (as MuAdamW; mup_scale_weight_decay). No decay for vectors.
-                width_lr = m ** -c.mup_hidden_lr_exponent if kind == 'hidden' else 1.0
-                wd = 0.0 if kind == 'vector' else weight_decay / width_lr if c.mup_scale_weight_decay else weight_decay
-            lr_scale = width_lr * (depth_lr if in_block else 1.0)
-            # CompleteP's Adam eps: / m_N everywhere, and / m_L^alpha inside the residual branches,
-            # whose gradients the branch multiplier shrinks (docs/mup.md, depth)
+            info = self.mup_param_info[name]
+            on_muon = optimizer == 'muon' and info.kind == 'hidden'
+            if on_muon:
+                # Muon's orthogonalized update has its size set by the lr (times muon.update_scale,
+                # sqrt(max(1, fan_out / fan_in))), which the spectral condition wants
+                # width-independent: no 1/m, and so weight decay as is (docs/mup.md, Muon)
+                width_lr = muon_lr_mult
+                decay = weight_decay
+            elif info.kind == 'hidden':
+                width_lr = info.width_mult ** -c.mup_hidden_lr_exponent # muP: Adam's lr / m
+                decay = weight_decay
+                if c.mup_scale_weight_decay:
+                    # x m: the decay per step, lr * wd, stays put (as MuAdamW)
+                    decay = weight_decay / width_lr
+            elif info.kind == 'embedding':
+                width_lr = 1.0
+                decay = weight_decay
+            else: # vectors: LayerNorm gains and biases are not decayed
+                width_lr = 1.0
+                decay = 0.0
+            lr_scale = width_lr
+            if info.in_block:
+                lr_scale = width_lr * depth_lr
+            # CompleteP's Adam eps: / m_N everywhere, and / m_L^alpha inside the residual
+            # branches, whose gradients the branch multiplier shrinks (docs/mup.md, depth)
             eps_scale = 1.0
             if c.mup_base_depth:
-                eps_scale = c.width_mult ** -1 * (c.depth_mult ** -c.mup_depth_alpha if in_block else 1.0)
-            name = kind + (' in blocks' if in_block and c.depth_mult != 1 else '') + (' (Muon)' if opt == 'muon' else '')
-            groups.setdefault((name, lr_scale, wd, eps_scale), dict(params=[], name=name, lr_scale=lr_scale,
-                              weight_decay=wd, eps_scale=eps_scale, optimizer=opt))['params'].append(p)
-        for g in groups.values():
-            print(f"param group {g['name']}: {len(g['params'])} tensors, {sum(p.numel() for p in g['params']):,} "
-                  f"parameters, lr_scale {g['lr_scale']:.4g}, weight_decay {g['weight_decay']:.4g}, "
-                  f"eps_scale {g['eps_scale']:.4g}")
+                eps_scale = 1.0 / c.width_mult
+                if info.in_block:
+                    eps_scale *= c.depth_mult ** -c.mup_depth_alpha
+            group_name = info.kind
+            if info.in_block and c.depth_mult != 1:
+                group_name += ' in blocks'
+            if on_muon:
+                group_name += ' (Muon)'
+            key = (group_name, lr_scale, decay, eps_scale)
+            if key not in groups:
+                groups[key] = dict(params=[], name=group_name, lr_scale=lr_scale,
+                                   weight_decay=decay, eps_scale=eps_scale,
+                                   optimizer='muon' if on_muon else 'adamw')
+            groups[key]['params'].append(p)
         return list(groups.values())
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8, optimizer='adamw',
-                             muon_lr_mult=1.0, muon_momentum=0.95):
-        """AdamW over param_groups, each group at learning_rate * lr_scale and eps * eps_scale; with
-        optimizer='muon', torch's Muon steps the hidden matrices, and the two step as one."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8,
+                             optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95):
+        """AdamW over param_groups, each group at learning_rate * lr_scale and eps * eps_scale;
+        with optimizer='muon', Muon (muon.py) steps the hidden matrices, and the two step as one."""
         groups = self.param_groups(weight_decay, optimizer, muon_lr_mult)
-        for g in groups:
-            g['lr'] = learning_rate * g['lr_scale']
-        # Create AdamW optimizer and use the fused version if it is available
-        use_fused = 'fused' in inspect.signature(torch.optim.AdamW).parameters and device_type == 'cuda'
-        adamw = torch.optim.AdamW([dict(g, eps=eps * g['eps_scale']) for g in groups if g['optimizer'] == 'adamw'],
-                                  lr=learning_rate, betas=betas, eps=eps, **(dict(fused=True) if use_fused else {}))
+        for group in groups:
+            group['lr'] = learning_rate * group['lr_scale']
+        adamw_groups = [dict(g, eps=eps * g['eps_scale'])
+                        for g in groups if g['optimizer'] == 'adamw']
+        muon_groups = [g for g in groups if g['optimizer'] == 'muon']
+        # the fused AdamW kernel, one launch for all parameters, exists on CUDA
+        adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, eps=eps,
+                                  fused=device_type == 'cuda')
         if optimizer == 'adamw':
             return adamw
-        muon = torch.optim.Muon([g for g in groups if g['optimizer'] == 'muon'], lr=learning_rate,
-                                momentum=muon_momentum, adjust_lr_fn='original')
+        muon = Muon(muon_groups, lr=learning_rate, momentum=muon_momentum)
         return Optimizers(muon, adamw)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model flops utilization against `peak_flops` (see device_peak_flops); flops as PaLM, Appendix B."""
+        """Model flops utilization against `peak_flops` (see device_peak_flops)."""
+        # first estimate the number of flops we do per iteration, as the PaLM paper's Appendix B
+        N = self.get_num_params()
         cfg = self.config
-        flops_per_token = 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-        return flops_per_token * cfg.block_size * fwdbwd_per_iter / dt / peak_flops
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T # the matmuls, then attention's q.k and a.v
+        flops_per_fwdbwd = flops_per_token * T
+        flops_per_iter = flops_per_fwdbwd * fwdbwd_per_iter
+        flops_achieved = flops_per_iter / dt # per second
+        return flops_achieved / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Complete idx (b, t) by max_new_tokens tokens, recomputing the whole (cropped) context each
-        step so that every mask sees true positions; temperature=0 is greedy. Use model.eval()."""
+        """Complete idx (b, t) by max_new_tokens tokens, recomputing the whole (cropped) context
+        each step so that every mask sees true positions; temperature=0 is greedy. Use
+        model.eval()."""
         for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits = self(idx_cond)[0][:, -1, :]
+            # if the sequence context is growing too long we must crop it at block_size
+            idx_cond = idx
+            if idx.size(1) > self.config.block_size:
+                idx_cond = idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :]
             if temperature == 0:
                 idx_next = logits.argmax(-1, keepdim=True)
             else:
@@ -474,7 +602,8 @@ class GPT(nn.Module):
                 if top_k is not None:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float('Inf')
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
@@ -483,14 +612,18 @@ class GPT(nn.Module):
 GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
                   'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
 
+
 def device_peak_flops(device, dtype=torch.float32):
     """What MFU is measured against: a GPU's datasheet bf16 peak (an unknown GPU: A100's, as
-    nanoGPT); elsewhere (CPU, MPS), the best rate of a 1024^2 matmul in `dtype` over 5 tries, so
-    CPU MFU reads as a fraction of what this machine's GEMM reaches."""
+    nanoGPT); elsewhere (CPU, MPS), the best rate of a 1024^2 matmul in `dtype` over 5 tries,
+    so that CPU MFU reads as a fraction of what this machine's GEMM reaches."""
     device = torch.device(device)
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
-        return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), 312e12)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return 312e12
     a = torch.randn(1024, 1024, device=device, dtype=dtype)
     best = float('inf')
     for _ in range(5):

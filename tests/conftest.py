@@ -46,7 +46,7 @@ def tiny_config(**kw):
 def make_gpt(seed=0, attn_cls=MuPFlexAttention, **kw):
     """A GPT of TINY (with changes kw), initialised from `seed`."""
     torch.manual_seed(seed)
-    return quiet(GPT, tiny_config(**kw), attn_cls)
+    return GPT(tiny_config(**kw), attn_cls)
 
 
 def tokens(B=3, T=32, seed=1, vocab_size=TINY['vocab_size']):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import analyze_jacobian as aj
-from conftest import make_gpt, quiet, tokens
+from conftest import make_gpt, tokens
 from model import GPT
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -119,7 +119,7 @@ def test_captured_gradient_is_dloss_dprobs_by_finite_differences():
     model = make(attn_backend='dense').double()
     x, y = tokens(T=16), tokens(T=16, seed=2)
     _, layers = aj.capture_attention(model, x, y)
-    nudged = quiet(GPT, model.config, Nudged).double()
+    nudged = GPT(model.config, Nudged).double()
     nudged.load_state_dict(model.state_dict())
     eps, losses = 1e-5, []
     for sign in (1, -1):

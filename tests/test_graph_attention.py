@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import model as model_module
-from conftest import quiet
 from coord_check import measure, slopes
 from graph_attention import GraphAttention, graph_tensors, nearest_friend_batch, set_graph
 from model import GPT, GPTConfig
@@ -56,9 +55,9 @@ def hand_written(attn, q, k, v):
     return out
 
 
-def quiet_gpt(cfg, seed=0):
+def seeded_gpt(cfg, seed=0):
     torch.manual_seed(seed)
-    return quiet(GPT, cfg, graph_attention_cls)
+    return GPT(cfg, graph_attention_cls)
 
 
 @pytest.mark.parametrize('backend', ['dense', 'flex'])
@@ -96,7 +95,7 @@ def test_bad_edges_raise_value_error_naming_the_edge(edges, problem):
 
 
 def test_graph_must_be_set_and_fit_the_batch():
-    gpt = quiet_gpt(config())
+    gpt = seeded_gpt(config())
     idx = torch.zeros(2, NODES, dtype=torch.long)
     with pytest.raises(RuntimeError, match='call set_graph'):
         gpt(idx)
@@ -106,7 +105,7 @@ def test_graph_must_be_set_and_fit_the_batch():
     with pytest.raises(ValueError, match=f'edge type {N_TYPES} and distance 1, but this layer was built'):
         set_graph(gpt, graph_tensors([[(0, 1, N_TYPES, 1)], []], NODES, N_TYPES + 1, MAX_DIST))
     with pytest.raises(ValueError, match="leave attn_mod='causal'"):
-        quiet_gpt(config(attn_mod='alibi'))
+        seeded_gpt(config(attn_mod='alibi'))
 
 
 def test_graph_gpt_flex_matches_dense_with_one_block_mask_per_forward(monkeypatch):
@@ -115,8 +114,8 @@ def test_graph_gpt_flex_matches_dense_with_one_block_mask_per_forward(monkeypatc
     calls = []
     real = model_module.create_block_mask
     monkeypatch.setattr(model_module, 'create_block_mask', lambda *a, **kw: calls.append(a[1:4]) or real(*a, **kw))
-    dense = quiet_gpt(config(attn_backend='dense', n_layer=3))
-    flex = quiet_gpt(config(attn_backend='flex', n_layer=3))
+    dense = seeded_gpt(config(attn_backend='dense', n_layer=3))
+    flex = seeded_gpt(config(attn_backend='flex', n_layer=3))
     flex.load_state_dict(dense.state_dict())
     idx = torch.randint(8, (2, NODES), generator=torch.Generator().manual_seed(0))
     other = graph_tensors([[(1, 2, 0, 1)], [(3, 4, 2, 2)]], NODES, N_TYPES, MAX_DIST)
@@ -135,7 +134,7 @@ def test_graph_gpt_flex_matches_dense_with_one_block_mask_per_forward(monkeypatc
 def test_graph_parameters_are_not_hidden_and_get_gradients(width):
     """[num_edge_types + 1, n_head] and [max_distance + 1, n_head] tables have no growing dim:
     docs/mup.md's finite tables, lr as is (lr_scale 1), never 'hidden'."""
-    gpt = quiet_gpt(config(n_embd=width, mup_base_width=16, attn_backend='dense'))
+    gpt = seeded_gpt(config(n_embd=width, mup_base_width=16, attn_backend='dense'))
     for name in ('edge_type_bias', 'distance_bias', 'edge_gate'):
         assert gpt.mup_param_info[f'transformer.h.1.attn.{name}'] == ('embedding', 1.0, True)
     assert gpt.mup_param_info['transformer.h.1.attn.c_attn.q.weight'] == ('hidden', width / 16, True)
@@ -170,7 +169,7 @@ def graph_coord_slopes(param):
     graph = graph_tensors(edges, 16, N_TYPES, MAX_DIST)
     results = []
     for width in WIDTHS:
-        gpt = quiet_gpt(config(n_embd=width, n_head=4, mup_base_width=64 if param == 'mup' else 0,
+        gpt = seeded_gpt(config(n_embd=width, n_head=4, mup_base_width=64 if param == 'mup' else 0,
                                attn_backend='dense'))
         set_graph(gpt, graph)
         h, dh, losses = measure(gpt, colours, labels, lr=5e-3, steps=4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY, make_gpt as make, tokens
-from model import GPTConfig, MuPFlexAttention
+from model import GPT, GPTConfig, MuPFlexAttention
 
 
 # ---- API and shapes
@@ -69,6 +69,8 @@ def test_optimizer_groups_carry_lr_scale():
 @pytest.mark.parametrize("kw, field", [
     (dict(n_embd=60, n_head=8), 'n_embd=60 is not divisible by n_head=8'),
     (dict(n_layer=0), 'n_layer=0 must be positive'),
+    (dict(n_head=0), 'n_head=0 must be positive'), # checked before n_embd % n_head divides by it
+    (dict(attn_mod='alibi', attn_backend='sdpa'), 'SDPA runs plain causal attention only'),
     (dict(mup_base_width=30), 'mup_base_width=30 is not divisible by n_head=4'),
     (dict(mup_base_width=64, mup_base_head_dim=24), 'mup_base_head_dim=24'),
     (dict(mup_base_head_dim=16), 'set mup_base_width too'),
@@ -125,8 +127,12 @@ def test_auto_backend_choice():
     assert plain.resolve_backend(torch.device('cpu')) == 'sdpa'
     assert windowed.resolve_backend(torch.device('cpu')) == 'dense' # flex has no CPU backward
     assert windowed.resolve_backend(torch.device('cuda')) == 'flex'
-    with pytest.raises(ValueError, match="runs plain causal attention only"):
-        attention('sdpa', attn_mod='alibi').resolve_backend(torch.device('cpu'))
+
+    class Windowed(MuPFlexAttention): # a subclass's own mask: known when the model is built
+        def mask_mod(self, b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < 4)
+    with pytest.raises(ValueError, match="Windowed has a mask_mod or score_mod of its own"):
+        GPT(GPTConfig(**{**TINY, 'attn_backend': 'sdpa'}), Windowed)
 
 
 def test_whole_model_agrees_across_backends():

@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
 import attn_mods
-from conftest import quiet, tiny_config, tokens
+from conftest import tiny_config, tokens
 from coord_check import run_widths, slopes
 from attn_mods import attention_probs, causal, dense_attention, document_mask, sliding_window
 from model import GPT, MuPFlexAttention
@@ -199,7 +199,7 @@ def test_one_mask_per_forward_and_pattern_shared_by_its_layers(backend, monkeypa
     built = []
     make_mask = MuPFlexAttention.make_mask
     monkeypatch.setattr(MuPFlexAttention, 'make_mask', lambda self, *a: built.append(self.attn_mod) or make_mask(self, *a))
-    gpt = quiet(GPT, config('sliding_window:3,causal', n_layer=4, attn_backend=backend))
+    gpt = GPT(config('sliding_window:3,causal', n_layer=4, attn_backend=backend))
     assert [block.attn.attn_mod for block in gpt.transformer.h] == ['sliding_window:3', 'causal'] * 2
     with torch.no_grad():
         for _ in range(2):
@@ -207,14 +207,14 @@ def test_one_mask_per_forward_and_pattern_shared_by_its_layers(backend, monkeypa
         assert built == ['sliding_window:3', 'causal'] * 2
         alternating = gpt(tokens(B, T, vocab_size=11))[0]
         for single in ('sliding_window:3', 'causal'): # the same weights with one pattern everywhere differ
-            other = quiet(GPT, config(single, n_layer=4, attn_backend=backend))
+            other = GPT(config(single, n_layer=4, attn_backend=backend))
             other.load_state_dict(gpt.state_dict())
             assert (other(tokens(B, T, vocab_size=11))[0] - alternating).abs().max() > 1e-4
 
 
 def gpt_with(attn_cls, seed=0):
     torch.manual_seed(seed)
-    return quiet(GPT, config(), attn_cls)
+    return GPT(config(), attn_cls)
 
 
 def test_a_mask_that_reads_data_follows_it_without_any_cache_clearing():
@@ -265,8 +265,8 @@ def test_attn_mod_config_string_computes_the_score(attn_mod, score_fn):
 @pytest.mark.parametrize('attn_mod', ['sliding_window:3', 'prefix_lm:5', 'alibi', 'alibi:learned', 'soft_cap:0.5'])
 def test_attn_mod_config_reaches_every_layer_of_gpt(attn_mod):
     idx = tokens(B, T, vocab_size=11)
-    plain = quiet(GPT, config(init_std=0.5)) # a large init makes the scores large enough for soft_cap to act
-    modded = quiet(GPT, config(attn_mod, init_std=0.5))
+    plain = GPT(config(init_std=0.5)) # a large init makes the scores large enough for soft_cap to act
+    modded = GPT(config(attn_mod, init_std=0.5))
     modded.load_state_dict(plain.state_dict(), strict=False) # same weights (learned slopes keep their init)
     with torch.no_grad():
         assert (modded(idx, idx)[0] - plain(idx, idx)[0]).abs().max() > 1e-3
@@ -279,17 +279,17 @@ def test_attn_mod_config_reaches_every_layer_of_gpt(attn_mod):
 def test_alibi_follows_the_module_through_copy_and_dtype_changes():
     """The mod reads the slopes the module holds now: a deep copy trains its own learned slopes,
     and .double() (which replaces buffers) is seen by fixed-slope ALiBi."""
-    model = quiet(GPT, config('alibi:learned', attn_backend='dense'))
+    model = GPT(config('alibi:learned', attn_backend='dense'))
     clone = copy.deepcopy(model)
     idx = tokens(B, T, vocab_size=11)
     clone(idx, idx)[1].backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(b.attn.alibi_slopes.grad.abs().sum() > 0 for b in clone.transformer.h)
-    fixed = quiet(GPT, config('alibi', attn_backend='dense')).double()
+    fixed = GPT(config('alibi', attn_backend='dense')).double()
     with torch.no_grad():
         for block in fixed.transformer.h:
             block.attn.alibi_slopes.zero_()
-        plain = quiet(GPT, config(attn_backend='dense')).double()
+        plain = GPT(config(attn_backend='dense')).double()
         plain.load_state_dict(fixed.state_dict())
         torch.testing.assert_close(fixed(idx, idx)[0], plain(idx, idx)[0], rtol=0, atol=1e-12)
 
@@ -318,7 +318,7 @@ def test_score_mod_sees_the_mup_scaled_score_once(backend):
 @pytest.mark.parametrize('name', [n for n in MODS if not n.startswith('row_sum')])
 def test_generate_gives_the_next_token_logits_of_a_full_forward(name):
     attn_mod, cls = MODS[name]
-    gpt = quiet(GPT, config(attn_mod), cls).eval()
+    gpt = GPT(config(attn_mod), cls).eval()
     step_logits = []
     gpt.register_forward_hook(lambda module, args, out: step_logits.append(out[0][:, -1]))
     prompt = tokens(B, 5, vocab_size=11) # a prompt at least as long as prefix_lm's prefix
@@ -366,11 +366,11 @@ def test_subclass_parameters_are_classified_by_shape(width):
     """docs/mup.md: a [num_buckets, n_head] table has no growing dim, so it is not 'hidden' (lr as
     is); an [n_embd, n_embd] gate grows in both dims: 'hidden', init std / sqrt(m), lr / m."""
     m = width / 64
-    gpt = quiet(GPT, config(n_embd=width, n_head=4, mup_base_width=64), GatedBias)
+    gpt = GPT(config(n_embd=width, n_head=4, mup_base_width=64), GatedBias)
     info = gpt.mup_param_info
     assert info['transformer.h.0.attn.rel_bias'] == ('embedding', 1.0, True)
     assert info['transformer.h.0.attn.gate'] == ('hidden', m, True)
-    groups = quiet(gpt.configure_optimizers, 0.1, 1e-3, (0.9, 0.99), 'cpu').param_groups
+    groups = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu').param_groups
     scale = {id(p): g['lr_scale'] for g in groups for p in g['params']}
     attn = gpt.transformer.h[0].attn
     assert scale[id(attn.rel_bias)] == 1.0 and scale[id(attn.gate)] == pytest.approx(1 / m)
@@ -399,7 +399,7 @@ def test_subclass_hidden_parameters_keep_the_coord_check_flat(param, bound):
 
 
 def test_subclass_parameters_get_gradients_on_the_dense_backend():
-    gpt = quiet(GPT, config(attn_backend='auto'), GatedBias) # auto on CPU with a score_mod: dense
+    gpt = GPT(config(attn_backend='auto'), GatedBias) # auto on CPU with a score_mod: dense
     assert gpt.transformer.h[0].attn.resolve_backend(torch.device('cpu')) == 'dense'
     idx = tokens(B, T, vocab_size=11)
     gpt(idx, idx)[1].backward()

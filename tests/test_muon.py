@@ -1,39 +1,101 @@
-"""Muon with muP (docs/mup.md "Muon"): torch's Muon steps the hidden matrices with no 1/m on their
-lr, AdamW the rest with the width rules; a coordinate check after a few Muon steps is flat in
-width under muP (and grows with Moonshot's RMS-matched update and under SP); the best learning
-rate stays put across 8x width."""
+"""Muon with muP (docs/mup.md "Muon"): the project's Muon (muon.py, torch.optim.Muon's math in
+the device's fast dtype) steps the hidden matrices with no 1/m on their lr, AdamW the rest with
+the width rules; a coordinate check after a few Muon steps is flat in width under muP (and grows
+with Moonshot's RMS-matched update and under SP); the best learning rate stays put across 8x
+width."""
 
 import pytest
 import torch
 
-import model as model_module
-from conftest import best_log2_lr, make_gpt, quiet, tokens
+import muon as muon_module
+from conftest import best_log2_lr, make_gpt, tokens
 from coord_check import run_widths, slope, slopes
 from model import set_lr
+from muon import Muon, default_ns_dtype, orthogonalize
 
 WIDTHS = [128, 256, 512, 1024]
 MULT = 4.0 # muon_lr_mult: Muon's lr is 4x the base lr in these checks
 
 
+# ---- the project's Muon is torch.optim.Muon's math in the device's fast dtype
+
+def muon_pair(shapes, seed=0, **kw):
+    """The same matrices, with a random gradient each, for our Muon and for torch's."""
+    torch.manual_seed(seed)
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, theirs
+
+
+def random_grads(params_a, params_b, seed):
+    g = torch.Generator().manual_seed(seed)
+    for a, b in zip(params_a, params_b):
+        grad = torch.randn(a.shape, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+
+
+@pytest.mark.parametrize('nesterov', [True, False])
+def test_muon_equals_torch_muon_in_bfloat16(nesterov):
+    """Tall, wide and square matrices, 3 steps with momentum and weight decay: bitwise equal."""
+    ours, theirs = muon_pair([(48, 16), (16, 40), (24, 24)])
+    mine = Muon(ours, lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=nesterov, ns_dtype=torch.bfloat16)
+    torchs = torch.optim.Muon(theirs, lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=nesterov,
+                              adjust_lr_fn='original')
+    for step in range(3):
+        random_grads(ours, theirs, seed=step)
+        mine.step()
+        torchs.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), (step, (a - b).abs().max())
+
+
+def test_orthogonalize_in_float32_is_near_orthogonal_and_close_to_bfloat16():
+    """fp32 (the CPU default) runs the same iteration: singular values in Newton-Schulz's band
+    around 1, and within bf16's rounding of torch's result."""
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    fp32 = orthogonalize(g, torch.float32)
+    assert fp32.dtype == torch.float32
+    singular_values = torch.linalg.svdvals(fp32)
+    assert singular_values.min() > 0.6 and singular_values.max() < 1.25, singular_values
+    bf16 = orthogonalize(g, torch.bfloat16).float()
+    assert (fp32 - bf16).abs().max() < 0.03
+    assert default_ns_dtype(torch.device('cpu')) == torch.float32
+
+
+def test_muon_steps_in_float32_on_cpu():
+    """No bfloat16 anywhere in a CPU Muon step (a bf16 matmul is 50x slower on AVX2-only CPUs)."""
+    p = torch.nn.Parameter(torch.randn(32, 32))
+    p.grad = torch.randn(32, 32)
+    seen = []
+    original = muon_module.orthogonalize
+    def spy(matrix, dtype, *args, **kwargs):
+        seen.append(dtype)
+        return original(matrix, dtype, *args, **kwargs)
+    muon_module.orthogonalize = spy
+    try:
+        Muon([p], lr=0.01).step()
+    finally:
+        muon_module.orthogonalize = original
+    assert seen == [torch.float32]
+
+
 @pytest.mark.parametrize('mup_base_width', [0, 64])
 def test_hidden_matrices_go_to_muon_without_the_width_rule(mup_base_width):
     model = make_gpt(n_embd=256, bias=True, mup_base_width=mup_base_width)
-    optimizer = quiet(model.configure_optimizers, 0.1, 1e-3, (0.9, 0.99), 'cpu', 1e-8, 'muon', MULT, 0.9)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', 1e-8, 'muon', MULT, 0.9)
     muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
     in_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
     assert in_muon == {n for n, p in model.named_parameters() if p.dim() == 2 and '.h.' in n}
-    m = 256 / mup_base_width if mup_base_width else 1.0
-    for g in muon.param_groups: # lr and decay as is at every width; torch's 'original' shape adjustment
+    for g in muon.param_groups: # lr and decay as is at every width (m = 4 under muP here)
         assert g['lr'] == pytest.approx(1e-3 * MULT) and g['weight_decay'] == 0.1
-        assert g['adjust_lr_fn'] == 'original' and g['momentum'] == 0.9
+        assert g['momentum'] == 0.9
     for g in adamw.param_groups: # the AdamW groups keep muP's rules: embeddings at lr, vectors undecayed
         assert g['lr'] == pytest.approx(1e-3) and g['weight_decay'] in (0.0, 0.1)
-    assert not any(g['lr_scale'] == pytest.approx(1 / m) for g in muon.param_groups if m != 1)
     set_lr(optimizer, 0.5) # the one knob a sweep turns moves both optimizers
-    assert [g['lr'] for g in optimizer.param_groups] == [0.5 * g['lr_scale'] for g in optimizer.param_groups]
     assert muon.param_groups[0]['lr'] == pytest.approx(0.5 * MULT)
+    assert [g['lr'] for g in adamw.param_groups] == pytest.approx([0.5] * len(adamw.param_groups))
 
 
 # ---- the coordinate check after 4 Muon steps: widths 128..1024, base lr 3e-3 (Muon 1.2e-2).
@@ -52,8 +114,8 @@ def test_mup_muon_coord_check_is_flat():
 
 
 def test_rms_matched_muon_update_grows_with_width(monkeypatch):
-    muon = torch.optim.Muon
-    monkeypatch.setattr(model_module.torch.optim, 'Muon', lambda *a, **kw: muon(*a, **{**kw, 'adjust_lr_fn': 'match_rms_adamw'}))
+    """Moonshot's update scale 0.2 sqrt(max(fan_out, fan_in)) (torch's 'match_rms_adamw')."""
+    monkeypatch.setattr(muon_module, 'update_scale', lambda shape: 0.2 * max(shape) ** 0.5)
     s = muon_slopes('mup')
     assert max(abs(v) for v in s.values()) >= 0.5, s
 
@@ -77,7 +139,7 @@ def hidden_update_slope(seed):
         inputs = []
         hooks = [fc.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach())) for fc in fcs]
         before = [fc.weight.detach().clone() for fc in fcs]
-        optimizer = quiet(model.configure_optimizers, 0.0, 3e-3, (0.9, 0.99), 'cpu', 1e-8, 'muon', MULT, 0.95)
+        optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), 'cpu', 1e-8, 'muon', MULT, 0.95)
         model(tokens(B=8, seed=seed), tokens(B=8, seed=seed + 100))[1].backward()
         optimizer.step()
         for hook in hooks:

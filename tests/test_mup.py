@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from conftest import best_log2_lr, quiet
+from conftest import best_log2_lr
 from coord_check import build_model, random_batch, run_widths, slope, slopes
 from model import GPT, GPTConfig, MuPFlexAttention
 
@@ -111,10 +111,10 @@ def logit_gap_slope(scale_law, seed=0, steps=20, lr=3e-2):
         torch.manual_seed(seed)
         config = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=4, n_embd=width, bias=False,
                            mup_base_width=BASE_WIDTH)
-        model = quiet(GPT, config, RecordScores)
+        model = GPT(config, RecordScores)
         if scale_law == '1/sqrt(d)':
             model.transformer.h[0].attn.scale = 1 / math.sqrt(config.head_dim)
-        optimizer = quiet(model.configure_optimizers, 0.0, lr, (0.9, 0.99), 'cpu')
+        optimizer = model.configure_optimizers(0.0, lr, (0.9, 0.99), 'cpu')
         for _ in range(steps):
             model(x, y)[1].backward()
             optimizer.step()
@@ -145,7 +145,7 @@ def test_weight_decay_removes_the_same_fraction_of_hidden_weights_at_every_width
     removed = []
     for width in widths:
         model = build_model(width, 'mup', base_width=BASE_WIDTH, block_size=16)
-        opt = quiet(model.configure_optimizers, 0.1, 1e-2, (0.9, 0.99), 'cpu', optimizer=optimizer)
+        opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), 'cpu', optimizer=optimizer)
         weight = model.transformer.h[0].mlp.c_fc.weight
         before = weight.norm().item()
         for _ in range(3):
