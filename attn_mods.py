@@ -142,10 +142,15 @@ def vmap_bhqkv(mod, n_scores):
     return mod
 
 
-def dense_mask(mask_mod, B, H, T, device):
-    """The mask as a boolean tensor, with a batch or head dim of 1 where it does not vary along it
-    (causal: (1, 1, T, T)), which SDPA and the dense backend broadcast."""
-    mask = vmap_bhqkv(mask_mod, 0)(*(torch.arange(n, device=device) for n in (B, H, T, T)))
+def dense_mask(mask_mod, B, H, T, device, q_offset=0):
+    """The mask of T queries at positions q_offset.. over the keys at 0 .. q_offset + T - 1, as a
+    boolean tensor with a batch or head dim of 1 where it does not vary along it (causal:
+    (1, 1, T, T)), which SDPA and the dense backend broadcast. q_offset > 0: decoding from a KV
+    cache, the queries being the newest positions."""
+    indices = (torch.arange(B, device=device), torch.arange(H, device=device),
+               torch.arange(q_offset, q_offset + T, device=device),
+               torch.arange(q_offset + T, device=device))
+    mask = vmap_bhqkv(mask_mod, 0)(*indices)
     if not torch.compiler.is_compiling(): # data-dependent: left out of compiled graphs
         for dim in (0, 1):
             if (mask == mask.narrow(dim, 0, 1)).all():
@@ -170,23 +175,26 @@ def attention_probs(q, k, mask, score_mod, scale, q_offset=0):
 
 
 def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=128):
-    """The CPU reference backend: flex's semantics with autograd. Without a score_mod, SDPA with the
-    boolean mask does it all. With one, blocks of `query_block` queries each attend to the keys up
-    to the last one their mask reaches: causal attention skips a quarter of the scores at T = 256,
-    and each block's elementwise passes stay in cache (docs/mup-study.md, Benchmarks)."""
+    """The CPU reference backend: flex's semantics with autograd. q: (B, H, Tq, D), k and v: (B, H,
+    Tk, D), Tk >= Tq, the queries being the last Tq positions of the keys (Tk > Tq: decoding from a
+    KV cache). Without a score_mod, SDPA with the boolean mask does it all. With one, blocks of
+    `query_block` queries each attend to the keys up to the last one their mask reaches: causal
+    attention skips a quarter of the scores at T = 256, and each block's elementwise passes stay
+    in cache (docs/mup-study.md, Benchmarks)."""
     if score_mod is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               dropout_p=dropout_p)
-    T = q.size(2)
+    Tq, Tk = q.size(2), k.size(2)
+    q_offset = Tk - Tq
     out = []
-    for q0 in range(0, T, query_block):
+    for q0 in range(0, Tq, query_block):
         block_mask = mask[..., q0:q0 + query_block, :]
-        kv_end = T
+        kv_end = Tk
         if not torch.compiler.is_compiling(): # data-dependent: compiled graphs take every key
             seen = block_mask.flatten(0, -2).any(0)
-            kv_end = max(1, int((seen * torch.arange(1, T + 1, device=q.device)).max()))
+            kv_end = max(1, int((seen * torch.arange(1, Tk + 1, device=q.device)).max()))
         q_block = q[:, :, q0:q0 + query_block]
         probs = attention_probs(q_block, k[:, :, :kv_end], block_mask[..., :kv_end], score_mod,
-                                scale, q0)
+                                scale, q_offset + q0)
         out.append(F.dropout(probs, dropout_p) @ v[:, :, :kv_end])
     return torch.cat(out, dim=2)

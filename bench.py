@@ -9,12 +9,11 @@ $ python bench.py                                   # training steps and attenti
 $ python bench.py --attn_mod=alibi --compile=both   # a score_mod model; eager vs torch.compile
 $ python bench.py --modes=attention --seq_lens=256  # attention only
 $ python bench.py --modes=train --optimizers=adamw,muon  # a training step with AdamW and with Muon
-$ python bench.py --modes=gpu                       # CUDA only: flex vs flash, flex vs dense
-                                                    # gradients, GPT-2 124M with compile and bf16
+$ python bench.py --modes=decode                    # generation: KV cache vs recompute, tokens/s
+$ python bench.py --modes=gpu                       # CUDA only: flex vs flash, GPT-2 124M with compile and bf16
 """
 
 import contextlib
-import io
 import json
 import os
 import statistics
@@ -25,12 +24,12 @@ from dataclasses import replace
 import torch
 from torch.nn import functional as F
 
-from configurator import configure
+from configurator import ConfigError, configure
 from attn_mods import ATTN_MODS, parse_attn_mod
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
 # -----------------------------------------------------------------------------
-modes = ('train', 'attention') # any of 'train', 'attention', 'gpu' (CUDA only)
+modes = ('train', 'attention') # any of 'train', 'attention', 'decode', 'gpu' (CUDA only)
 # the model of the training-step benchmark (shakespeare_char's vocabulary; random tokens)
 batch_size = 8
 block_size = 256
@@ -47,7 +46,13 @@ compile = 'False' # 'False', 'True' or 'both': torch.compile the model (train) a
 optimizers = ('adamw',) # the training-step rows' optimizers, any of 'adamw', 'muon' (Muon for the hidden matrices)
 # the attention-only benchmark: (batch_size, n_head, T, n_embd // n_head) inputs, every catalog mod
 seq_lens = (64, 256, 1024)
-# the GPU checks (modes=gpu)
+# the generation benchmark (modes=decode): a 4 x 192 model (4 heads), batch 1, greedy, per
+# block size and mod, with the KV cache and recomputing the context
+decode_block_sizes = (1024, 128) # 128: the main job's; 1000 tokens pass it, so the cache re-prefills
+decode_mods = ('causal', 'alibi') # alibi: a score_mod, on the dense backend off CUDA
+decode_prompt = 16
+decode_tokens = 1000
+# the GPU benchmarks (modes=gpu)
 gpu_batch_size = 12 # GPT-2 124M as nanoGPT trains it: 12 x 1024 tokens per micro-batch
 # timing
 warmup = 3 # untimed steps per row first (compilation, mask building, allocator warm-up)
@@ -66,7 +71,7 @@ BACKENDS = ('auto', 'sdpa', 'flex', 'dense')
 class DirectSDPA(MuPFlexAttention):
     """The reference the backends are measured against: causal attention that calls SDPA and
     nothing else (no backend choice, no mask, no mods), with the same muP logit scale."""
-    def make_mask(self, B, T, device):
+    def make_mask(self, B, T, device, q_offset=0): # training steps only: q_offset is always 0
         return None
 
     def attend(self, q, k, v, mask):
@@ -79,6 +84,19 @@ def catalog_specs():
     if missing:
         raise ValueError(f"catalog mods {sorted(missing)} are not benchmarked: add them to bench.CATALOG")
     return CATALOG
+
+
+def trains_here(spec, backend, device):
+    """Whether `backend` can run a training step of a layer of attn_mod `spec` on `device`, as the
+    model decides: the layer refuses SDPA for anything but plain causal attention, and flex trains
+    where 'auto' picks it for a layer with a mod (CUDA: flex has no backward on CPU)."""
+    def layer(spec, backend):
+        return MuPFlexAttention(GPTConfig(block_size=1, n_head=1, n_embd=1, attn_mod=spec, attn_backend=backend))
+    try:
+        layer(spec, backend).resolve_backend(device)
+    except ValueError:
+        return False
+    return backend != 'flex' or layer('alibi', 'auto').resolve_backend(device) == 'flex'
 
 
 def synchronize(device):
@@ -110,12 +128,6 @@ def paired_ratio(times, reference):
     return statistics.median(t / r for t, r in zip(times, reference))
 
 
-def quietly(fn, *args, **kwargs):
-    """GPT and configure_optimizers print their sizes and groups: keep them out of the tables."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args, **kwargs)
-
-
 # ---- training steps
 
 def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, ptdtype, base_width, opts=('adamw',)):
@@ -140,8 +152,8 @@ def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, p
                           attn_mod='causal' if direct else cfg.attn_mod,
                           mup_base_width=base_width if row['param'] == 'mup' else 0)
         torch.manual_seed(seed)
-        model = quietly(GPT, row_cfg, DirectSDPA if direct else MuPFlexAttention).to(device)
-        optimizer = quietly(model.configure_optimizers, 0.1, 1e-3, (0.9, 0.95), device.type, optimizer=row['optimizer'])
+        model = GPT(row_cfg, DirectSDPA if direct else MuPFlexAttention).to(device)
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device.type, optimizer=row['optimizer'])
         scaler = torch.amp.GradScaler(device.type, enabled=ptdtype == torch.float16)
         step_model = torch.compile(model) if row['compile'] else model
         row['resolved'] = 'sdpa (direct)' if direct else model.transformer.h[0].attn.resolve_backend(device)
@@ -234,12 +246,10 @@ def attention_rows(specs, seq_lens, B, n_head, head_dim, device, ptdtype, backen
                                       q, k, v, grad_out)}
         rows.append(dict(mod='causal', backend='sdpa-direct', T=T))
         for spec in specs:
-            for backend in backends:
+            for backend in (b for b in backends if trains_here(spec, b, device)):
                 cfg = GPTConfig(block_size=T, n_head=n_head, n_embd=n_head * head_dim, attn_mod=spec,
                                 attn_backend=backend)
                 attn = MuPFlexAttention(cfg).to(device, ptdtype)
-                if backend == 'sdpa' and parse_attn_mod(spec)[0] != 'causal':
-                    continue
                 mask = attn.make_mask(B, T, device) # built once per forward in GPT: not timed here
                 for compiled in compiles:
                     name = backend + ('+compile' if compiled else '')
@@ -265,11 +275,54 @@ def print_attention(rows):
             for T in lens))
 
 
+# ---- generation
+
+def decode_rows(block_sizes, mods, prompt_len, new_tokens, device, ptdtype, n_layer=4, n_head=4, n_embd=192,
+                backends=('auto',)):
+    """Tokens/s of greedy generation of `new_tokens` after a `prompt_len`-token prompt, batch 1, with
+    the KV cache and recomputing the (cropped) context every step, side by side for every block size,
+    mod and backend. Both give the same tokens within block_size (tests/test_kv_cache.py)."""
+    rows = []
+    for block in block_sizes:
+        for spec in mods:
+            for backend in backends:
+                cfg = GPTConfig(block_size=block, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                                n_embd=n_embd, bias=False, attn_mod=spec, attn_backend=backend)
+                torch.manual_seed(seed)
+                model = GPT(cfg).to(device).eval()
+                prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+                prompt = prompt.to(device)
+                row = dict(block_size=block, mod=spec, backend=model.transformer.h[0].attn.resolve_backend(device))
+                ctx = (contextlib.nullcontext() if ptdtype == torch.float32
+                       else torch.amp.autocast(device_type=device.type, dtype=ptdtype))
+                for path, kv_cache in (('cached', True), ('recompute', False)):
+                    with ctx:
+                        model.generate(prompt, 8, temperature=0, kv_cache=kv_cache) # warm-up
+                        synchronize(device)
+                        t0 = time.perf_counter()
+                        model.generate(prompt, new_tokens, temperature=0, kv_cache=kv_cache)
+                        synchronize(device)
+                    row[f'{path}_tokens_per_s'] = new_tokens / (time.perf_counter() - t0)
+                row['speedup'] = row['cached_tokens_per_s'] / row['recompute_tokens_per_s']
+                rows.append(row)
+                print_decode([row], header=len(rows) == 1)
+    return rows
+
+
+def print_decode(rows, header=True):
+    if header:
+        print(f"\n{'block':>6}  {'mod':<10}{'backend':<9}{'cached tok/s':>14}{'recompute tok/s':>17}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['block_size']:>6}  {r['mod']:<10}{r['backend']:<9}{r['cached_tokens_per_s']:14.1f}"
+              f"{r['recompute_tokens_per_s']:17.1f}{r['speedup']:8.1f}x", flush=True)
+
+
 # ---- GPU only
 
-def gpu_checks(device, ptdtype):
-    """Flex vs flash (causal, T=1024, bf16, fwd+bwd); flex vs dense gradients for every mod;
-    GPT-2 124M tokens/s and MFU with compile and bf16, SP and muP, auto (flash) and flex."""
+def gpu_benchmarks(device, ptdtype):
+    """Flex vs flash (causal, T=1024, bf16, fwd+bwd); GPT-2 124M tokens/s and MFU with compile and
+    bf16, SP and muP, auto (flash) and flex. (That flex's gradients equal dense's is a test:
+    tests/test_cuda.py.)"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     results = {}
     B, H, T, D = gpu_batch_size, 12, 1024, 64
@@ -290,51 +343,43 @@ def gpu_checks(device, ptdtype):
     print(f"\ncausal attention fwd+bwd, B={B} H={H} T={T} bf16: flash {results['flex_vs_flash']['flash_ms']:.3f} ms, "
           f"flex {results['flex_vs_flash']['flex_ms']:.3f} ms ({results['flex_vs_flash']['flex_over_flash']:.2f}x)")
 
-    results['flex_vs_dense_grads'] = []
-    torch.backends.cuda.matmul.allow_tf32 = False # compare the kernels' math, not TF32 rounding
-    print("\nflex vs dense gradients (float32, B=2 H=4 T=256 head_dim=64), max |diff| / the largest |grad|:")
-    for spec in catalog_specs():
-        grads = {}
-        for backend in ('dense', 'flex'):
-            torch.manual_seed(seed)
-            attn = MuPFlexAttention(GPTConfig(block_size=256, n_head=4, n_embd=256, attn_mod=spec,
-                                              attn_backend=backend)).to(device)
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(2, 256, 256, generator=g).to(device).requires_grad_()
-            (attn(x, attn.make_mask(2, 256, device)) * torch.randn(2, 256, 256, generator=g).to(device)).sum().backward()
-            grads[backend] = {'input': x.grad, **{n: p.grad for n, p in attn.named_parameters()}}
-        # over the largest gradient of the layer: the key bias's own gradient is zero up to rounding (it
-        # shifts every score of a row alike), so dividing by it would compare noise with noise
-        largest = max(grad.abs().max() for grad in grads['dense'].values())
-        rel = {n: ((grads['flex'][n] - grads['dense'][n]).abs().max() / largest).item() for n in grads['dense']}
-        results['flex_vs_dense_grads'].append(dict(mod=spec, max_rel_diff=max(rel.values()), per_tensor=rel))
-        print(f"  {spec:<20}{max(rel.values()):.2e}")
-    torch.backends.cuda.matmul.allow_tf32 = True
-
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=False)
     # auto is flash attention here; muP relative to a 4x narrower base (192 = 12 heads of 16)
     rows, peak = train_rows(gpt2, ['auto', 'flex'], ['sp', 'mup'], [True], gpu_batch_size, device, ptdtype, 192)
     results['gpt2_124m'] = dict(rows=rows, peak_flops=peak, ratios=train_ratios(rows))
     print(f"\nGPT-2 124M, batch {gpu_batch_size} x 1024, compiled, {ptdtype}:")
     print_train(rows, results['gpt2_124m']['ratios'])
+    print(f"\nGPT-2 124M generation, 200 tokens after 16, batch 1, eager, {ptdtype}:")
+    results['gpt2_124m_decode'] = decode_rows([1024], ['causal', 'sliding_window:256'], 16, 200, device, ptdtype,
+                                              n_layer=12, n_head=12, n_embd=768, backends=('sdpa', 'flex'))
     return results
 
 
 def check_settings():
-    unknown = [m for m in modes if m not in ('train', 'attention', 'gpu')]
+    """A setting bench.py does not know: a ConfigError, which configure() reports in one line."""
+    unknown = [m for m in modes if m not in ('train', 'attention', 'decode', 'gpu')]
     if unknown or not modes:
-        raise ValueError(f"modes={modes}: choose from 'train', 'attention', 'gpu', e.g. --modes=train,attention")
+        raise ConfigError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'decode', 'gpu', "
+                          f"e.g. --modes=train,attention")
+    for spec in decode_mods:
+        try:
+            parse_attn_mod(spec)
+        except ValueError as e:
+            raise ConfigError(f"decode_mods: {e}") from None
     if not optimizers or any(o not in ('adamw', 'muon') for o in optimizers):
-        raise ValueError(f"optimizers={optimizers}: choose from 'adamw', 'muon', e.g. --optimizers=adamw,muon")
+        raise ConfigError(f"optimizers={','.join(optimizers)}: choose from 'adamw', 'muon', e.g. --optimizers=adamw,muon")
     if attn_backend != 'all' and attn_backend not in BACKENDS:
-        raise ValueError(f"attn_backend={attn_backend!r}: use 'all' or one of {BACKENDS}")
+        raise ConfigError(f"attn_backend={attn_backend!r}: use 'all' or one of {BACKENDS}")
     if parameterization not in ('sp', 'mup', 'both'):
-        raise ValueError(f"parameterization={parameterization!r}: use 'sp', 'mup' or 'both'")
+        raise ConfigError(f"parameterization={parameterization!r}: use 'sp', 'mup' or 'both'")
     if compile not in ('False', 'True', 'both'):
-        raise ValueError(f"compile={compile!r}: use False, True or both")
+        raise ConfigError(f"compile={compile!r}: use False, True or both")
     if warmup < 1 or iters < 1:
-        raise ValueError(f"warmup={warmup}, iters={iters}: both must be >= 1 (warm-up builds masks and compiles)")
-    parse_attn_mod(attn_mod)
+        raise ConfigError(f"warmup={warmup}, iters={iters}: both must be >= 1 (warm-up builds masks and compiles)")
+    try:
+        parse_attn_mod(attn_mod)
+    except ValueError as e: # the message names the setting and its valid values
+        raise ConfigError(str(e)) from None
 
 
 if __name__ == '__main__':
@@ -343,13 +388,14 @@ if __name__ == '__main__':
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     device = torch.device(device)
-    if device.type != 'cuda' and attn_backend == 'flex' and 'train' in modes:
-        raise SystemExit(f"attn_backend=flex: flex attention has no backward on {device.type}, so it cannot "
-                         f"train here; use --attn_backend=all (the backends that apply) or run on CUDA")
+    if attn_backend != 'all' and 'train' in modes and not trains_here(attn_mod, attn_backend, device):
+        applies = [b for b in BACKENDS if trains_here(attn_mod, b, device)]
+        raise ConfigError(f"attn_backend={attn_backend} cannot train attn_mod={attn_mod} on {device.type}: use "
+                          f"--attn_backend=all or one of {applies}")
     if 'gpu' in modes and device.type != 'cuda':
-        raise SystemExit(f"modes=gpu needs a CUDA device (flex's fused kernels, its backward, flash attention, "
-                         f"bf16 GPT-2 124M), but this run is on {device.type}: run the gpu mode on a "
-                         f"machine with a GPU, or drop it from --modes")
+        raise ConfigError(f"modes=gpu needs a CUDA device (flex's fused kernels, flash attention, bf16 GPT-2 "
+                          f"124M), but this run is on {device.type}: run the gpu mode on a machine with a "
+                          f"GPU, or drop it from --modes")
     if dtype == 'auto':
         dtype = 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
     ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
@@ -368,11 +414,7 @@ if __name__ == '__main__':
     if 'train' in modes:
         cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
                         n_embd=n_embd, bias=bias, dropout=0.0, attn_mod=attn_mod)
-        plain_causal = parse_attn_mod(attn_mod)[0] == 'causal'
-        if attn_backend == 'all': # flex has no backward on CPU; SDPA runs plain causal attention only
-            backends = [b for b in BACKENDS if (b != 'flex' or device.type == 'cuda') and (b != 'sdpa' or plain_causal)]
-        else:
-            backends = [attn_backend]
+        backends = [b for b in BACKENDS if trains_here(attn_mod, b, device)] if attn_backend == 'all' else [attn_backend]
         params = ['sp', 'mup'] if parameterization == 'both' else [parameterization]
         rows, peak = train_rows(cfg, ['sdpa-direct'] + backends, params, compiles, batch_size, device, ptdtype,
                                 mup_base_width, optimizers)
@@ -384,13 +426,18 @@ if __name__ == '__main__':
         print_train(rows, report['ratios'])
 
     if 'attention' in modes:
-        backends = ['sdpa', 'dense'] + (['flex'] if device.type == 'cuda' else []) # flex: no backward on CPU
         report['attention'] = attention_rows(catalog_specs(), seq_lens, batch_size, n_head, n_embd // n_head,
-                                             device, ptdtype, backends, compiles)
+                                             device, ptdtype, ('sdpa', 'dense', 'flex'), compiles)
         print_attention(report['attention'])
 
+    if 'decode' in modes:
+        print(f"\ngeneration: {decode_tokens} tokens after a {decode_prompt}-token prompt, batch 1, greedy, "
+              f"4 x 192 (4 heads)")
+        report['decode'] = decode_rows(decode_block_sizes, decode_mods, decode_prompt, decode_tokens, device,
+                                       ptdtype)
+
     if 'gpu' in modes:
-        report['gpu'] = gpu_checks(device, ptdtype)
+        report['gpu'] = gpu_benchmarks(device, ptdtype)
 
     report['environment']['load_average_end'] = os.getloadavg()
     with open(out_file, 'w') as f:

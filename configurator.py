@@ -107,6 +107,8 @@ def _unknown(key, keys, where):
     return ConfigError(f"unknown config key '{key}' {where}; {hint}")
 
 def _print_help(config, keys):
+    if config.get('__doc__'): # what the script does, before the keys it takes
+        print(config['__doc__'].strip() + '\n')
     print("usage: python <script>.py [config/<file>.py ...] [--key=value ...]")
     print("configurable keys, with their defaults:")
     for k in keys:

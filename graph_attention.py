@@ -111,14 +111,14 @@ class GraphAttention(MuPFlexAttention):
                              f"build the graph with the layer's values")
         self.graph = graph
 
-    def make_mask(self, B, T, device):
+    def make_mask(self, B, T, device, q_offset=0):
         if self.graph is None:
             raise RuntimeError("GraphAttention has no graph: call set_graph(graph_tensors(...)) on every layer first")
         if self.graph.adjacency.shape != (B, T, T):
             raise ValueError(f"graph tensors have shape {tuple(self.graph.adjacency.shape)} but the batch is "
                              f"{B} sequences of {T} nodes: build one graph per sequence, "
                              f"with num_nodes = sequence length")
-        return super().make_mask(B, T, device)
+        return super().make_mask(B, T, device, q_offset)
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         return self.graph.adjacency[b, q_idx, kv_idx]

@@ -25,7 +25,10 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from attn_mods import ATTN_MODS, alibi_slopes, causal, dense_attention, dense_mask, parse_attn_mod
+from torch.nn.attention.bias import causal_lower_right
+
+from attn_mods import (ATTN_MODS, alibi_slopes, causal, dense_attention, dense_mask, parse_attn_mod,
+                       vmap_bhqkv)
 from muon import Muon
 
 # -----------------------------------------------------------------------------
@@ -213,11 +216,15 @@ class MuPFlexAttention(nn.Module):
         causal_mask = not overridden and self.catalog_mods().mask_mod is causal
         return causal_mask and not self.has_score_mod()
 
-    def active_score_mod(self):
-        """The score_mod as a plain function (flex rejects bound methods), or None if none."""
+    def active_score_mod(self, q_offset=0):
+        """The score_mod as a plain function (flex rejects bound methods), or None if none. Its
+        q_idx is the query's position in the sequence: q_offset past the index flex passes when
+        the queries follow cached keys."""
         if not self.has_score_mod():
             return None
-        return lambda score, b, h, q_idx, kv_idx: self.score_mod(score, b, h, q_idx, kv_idx)
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return self.score_mod(score, b, h, q_idx + q_offset, kv_idx)
+        return score_mod
 
     def resolve_backend(self, device):
         """'auto': SDPA's fused kernels for plain causal attention; else flex on CUDA, and the
@@ -234,38 +241,50 @@ class MuPFlexAttention(nn.Module):
             return 'flex'
         return 'dense'
 
-    def make_mask(self, B, T, device):
-        """The mask of B sequences of T tokens for this layer's backend: None (SDPA's own causal
-        mask), a flex BlockMask, or a boolean tensor (dense)."""
+    def make_mask(self, B, T, device, q_offset=0):
+        """The mask of B sequences of T queries at positions q_offset.. over the keys 0 .. q_offset
+        + T - 1 (q_offset > 0: decoding after cached keys), for this layer's backend: None (SDPA's
+        own causal mask), a flex BlockMask, or a boolean tensor (dense)."""
         backend = self.resolve_backend(device)
         if backend == 'sdpa':
             return None
-        mask_mod = lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx)
         if backend == 'flex':
-            return create_block_mask(mask_mod, B, self.n_head, T, T, device=device)
-        return dense_mask(mask_mod, B, self.n_head, T, device)
+            def mask_mod(b, h, q_idx, kv_idx): # flex counts queries from 0: add their offset
+                return self.mask_mod(b, h, q_idx + q_offset, kv_idx)
+            return create_block_mask(mask_mod, B, self.n_head, T, q_offset + T, device=device)
+        mask_mod = lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx)
+        return dense_mask(mask_mod, B, self.n_head, T, device, q_offset)
 
     def attend(self, q, k, v, mask):
-        """q, k, v: (B, n_head, T, head_dim) -> (B, n_head, T, head_dim); mask from make_mask."""
+        """q: (B, n_head, Tq, head_dim), k and v: (B, n_head, Tk, head_dim) -> like q; the queries
+        are the last Tq positions of the keys (Tk > Tq after cached keys); mask from make_mask."""
         dropout_p = self.dropout if self.training else 0.0
+        Tq, Tk = q.size(2), k.size(2)
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                  dropout_p=dropout_p)
+            if Tq == Tk:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                      dropout_p=dropout_p)
+            # is_causal aligns the mask's top-left corners: a query after cached keys would see
+            # only the first keys. Its position is at the bottom right.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk),
+                                                  scale=self.scale, dropout_p=dropout_p)
         if isinstance(mask, BlockMask):
             if q.device.type == 'cuda':
                 flex = compiled_flex_attention()
             else:
                 flex = flex_attention
-            return flex(q, k, v, score_mod=self.active_score_mod(), block_mask=mask,
+            return flex(q, k, v, score_mod=self.active_score_mod(Tk - Tq), block_mask=mask,
                         scale=self.scale)
         return dense_attention(q, k, v, mask, self.active_score_mod(), self.scale, dropout_p)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, kv_cache=None):
         B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v) # this layer's keys and values so far, the new ones last
         y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C) # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -303,8 +322,8 @@ class Block(nn.Module):
         # the same size as depth grows (docs/mup.md, depth); 1 without depth scaling
         self.residual_mult = config.depth_mult ** -config.mup_depth_alpha
 
-    def forward(self, x, mask):
-        x = x + self.residual_mult * self.attn(self.ln_1(x), mask)
+    def forward(self, x, mask, kv_cache=None):
+        x = x + self.residual_mult * self.attn(self.ln_1(x), mask, kv_cache)
         x = x + self.residual_mult * self.mlp(self.ln_2(x))
         return x
 
@@ -341,6 +360,46 @@ class Optimizers:
     def load_state_dict(self, state_dicts):
         for optimizer, state_dict in zip(self.optimizers, state_dicts, strict=True):
             optimizer.load_state_dict(state_dict)
+
+
+class KVCache:
+    """The keys and values of every layer for the positions decoded so far: (n_layer, B, n_head,
+    max_len, head_dim) tensors, allocated at the first append in the dtype of the keys, and
+    their length. A plain object that GPT.generate owns for one call: the modules keep nothing.
+    GPT.forward(idx, kv_cache=cache) runs idx as the positions after the cached ones, and each
+    attention layer appends its new keys and values through cache.layer(i)."""
+
+    def __init__(self, n_layer, max_len):
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.k = None
+        self.v = None
+        self.length = 0
+
+    def layer(self, index):
+        return LayerKVCache(self, index)
+
+    def append(self, layer, k, v):
+        """Store k, v (B, n_head, T, head_dim) at the positions after the cached ones; return the
+        layer's keys and values up to them. GPT.forward advances `length` after the last layer."""
+        if self.k is None:
+            B, n_head, _, head_dim = k.shape
+            shape = (self.n_layer, B, n_head, self.max_len, head_dim)
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class LayerKVCache(NamedTuple):
+    """One layer's view of a KVCache, what an attention module receives."""
+    cache: KVCache
+    layer: int
+
+    def append(self, k, v):
+        return self.cache.append(self.layer, k, v)
 
 
 class ParamInfo(NamedTuple):
@@ -455,23 +514,33 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx (b, t) -> logits and the loss; without targets the logits of the last position
+        only. With a KVCache, idx holds the positions after the cached ones, which it joins."""
         b, t = idx.size()
-        if t > self.config.block_size:
-            raise ValueError(f"Cannot forward sequence of length {t}, block size is only "
+        start = 0 # the position of idx's first token
+        if kv_cache is not None:
+            start = kv_cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"Cannot forward sequence of length {start + t}, block size is only "
                              f"{self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) # shape (t)
+        pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device) # shape (t)
 
         tok_emb = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
         # muP's input multiplier: a constant tuned at the base width (docs/mup.md)
         x = self.transformer.drop(self.config.mup_input_mult * (tok_emb + pos_emb))
         masks = {} # one mask per attention pattern, built once and passed to its layers
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             pattern = (type(block.attn), block.attn.attn_mod)
             if pattern not in masks:
-                masks[pattern] = block.attn.make_mask(b, t, idx.device)
-            x = block(x, masks[pattern])
+                masks[pattern] = block.attn.make_mask(b, t, idx.device, start)
+            layer_cache = None
+            if kv_cache is not None:
+                layer_cache = kv_cache.layer(i)
+            x = block(x, masks[pattern], layer_cache)
+        if kv_cache is not None:
+            kv_cache.length += t
         x = self.transformer.ln_f(x)
 
         if targets is not None:
@@ -584,16 +653,33 @@ class GPT(nn.Module):
         return flops_achieved / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Complete idx (b, t) by max_new_tokens tokens, recomputing the whole (cropped) context
-        each step so that every mask sees true positions; temperature=0 is greedy. Use
-        model.eval()."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
+        """Complete idx (b, t) by max_new_tokens tokens; temperature=0 is greedy. Use model.eval().
+
+        kv_cache=True: the prompt is run once (a prefill), then each step runs only the newest
+        token against the cached keys and values of the ones before it, O(T) work per token.
+        kv_cache=False: each step recomputes the whole context, O(T^2): the reference.
+
+        Positions are absolute (wpe), so a full cache cannot slide: when it holds block_size
+        positions, the newest block_size // 2 tokens are prefilled anew at positions 0.., and
+        decoding goes on from there (the reference crops to the last block_size tokens at every
+        step instead). A mask under which an earlier query sees a later key (prefix_lm while the
+        text is inside its prefix) would leave the cache stale: those steps recompute the
+        window, so the logits are a full forward's at every step."""
+        block_size = self.config.block_size
+        cache = KVCache(self.config.n_layer, block_size)
+        window_start = max(0, idx.size(1) - block_size) # idx's position 0 in the cache
         for _ in range(max_new_tokens):
-            # if the sequence context is growing too long we must crop it at block_size
-            idx_cond = idx
-            if idx.size(1) > self.config.block_size:
-                idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
+            if not kv_cache:
+                # if the sequence context is growing too long we must crop it at block_size
+                logits, _ = self(idx[:, -block_size:])
+            else:
+                if cache.length == block_size:
+                    window_start = idx.size(1) - block_size // 2
+                    cache.length = 0
+                elif cache.length > 0 and self.earlier_query_sees(cache.length, idx.size(0)):
+                    cache.length = 0
+                logits, _ = self(idx[:, window_start + cache.length:], kv_cache=cache)
             logits = logits[:, -1, :]
             if temperature == 0:
                 idx_next = logits.argmax(-1, keepdim=True)
@@ -606,6 +692,33 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    def earlier_query_sees(self, position, batch_size):
+        """Whether any layer's mask lets a query before `position` see the key at `position`:
+        then the keys and values cached for those queries, computed before it existed, differ
+        from a full forward's. False for every causal mask; plain causal layers are not asked."""
+        device = self.lm_head.weight.device
+        queries = torch.arange(position, device=device)
+        new_key = torch.tensor([position], device=device)
+        asked = set()
+        for block in self.transformer.h:
+            attn = block.attn
+            pattern = (type(attn), attn.attn_mod)
+            if pattern in asked or attn.is_plain_causal():
+                continue
+            asked.add(pattern)
+            mask_mod = lambda b, h, q_idx, kv_idx: attn.mask_mod(b, h, q_idx, kv_idx)
+            heads = torch.arange(attn.n_head, device=device)
+            try:
+                seen = vmap_bhqkv(mask_mod, 0)(torch.arange(batch_size, device=device), heads,
+                                               queries, new_key)
+            except (IndexError, RuntimeError) as e:
+                raise ValueError(f"{type(attn).__name__}.mask_mod cannot be evaluated at position "
+                                 f"{position} ({e}); it reads data that does not reach the "
+                                 f"generated tokens: give it data for the whole length") from e
+            if seen.any():
+                return True
+        return False
 
 
 # bf16 dense peaks of common GPUs (vendor datasheets, without sparsity)

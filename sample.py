@@ -15,9 +15,10 @@ from model import GPT, GPTConfig
 out_dir = 'out' # the train.py out_dir holding ckpt.pt
 start = "\n" # or "<|endoftext|>" etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 3 # number of samples to draw
+batch_size = 16 # samples drawn together, one KV cache for all (its memory grows with it)
 max_new_tokens = 500 # number of tokens generated in each sample
-temperature = 0.8 # 1.0 = no change, < 1.0 = less random, > 1.0 = more random; 0 = greedy (the most likely token)
-top_k = 200 # retain only the top_k most likely tokens, clamp others to have 0 probability (0 = off)
+temperature = 0.8 # 1.0 = no change, < 1.0 = less random, > 1.0 = more random; 0 = greedy
+top_k = 200 # retain only the top_k most likely tokens, clamp others to 0 probability (0 = off)
 seed = 1337
 device = 'auto' # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto' # 'auto': bfloat16 where the GPU supports it, float32 elsewhere
@@ -25,30 +26,94 @@ attn_backend = 'auto' # the training run's choice is a runtime detail; pick agai
 # -----------------------------------------------------------------------------
 configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
-for key, ok, must_be in [('num_samples', num_samples >= 1, 'an integer >= 1'),
-                         ('max_new_tokens', max_new_tokens >= 0, 'an integer >= 0'),
-                         ('temperature', 0 <= temperature < float('inf'), 'a finite number >= 0 (0 = greedy)'),
-                         ('top_k', top_k >= 0, 'an integer >= 0 (0 = off)'),
-                         ('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'), "'auto', 'float32', 'bfloat16' or 'float16'")]:
+
+# every setting and input is checked, in order, before the model generates anything
+def require(key, ok, must_be):
     if not ok:
         raise ConfigError(f"{key}={globals()[key]!r}: must be {must_be}")
 
+require('num_samples', num_samples >= 1, 'an integer >= 1')
+require('batch_size', batch_size >= 1, 'an integer >= 1')
+require('max_new_tokens', max_new_tokens >= 0, 'an integer >= 0')
+require('temperature', 0 <= temperature < float('inf'), 'a finite number >= 0 (0 = greedy)')
+require('top_k', top_k >= 0, 'an integer >= 0 (0 = off)')
+require('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'),
+        "'auto', 'float32', 'bfloat16' or 'float16'")
+if device != 'auto':
+    try:
+        asked = torch.device(device)
+    except RuntimeError:
+        asked = None # not a device name at all
+    if asked is None or asked.type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+    if asked.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but this machine has no CUDA device: "
+                          f"use --device=cpu (or auto)")
+    if asked.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}, but MPS is not available here: "
+                          f"use --device=cpu (or auto)")
+
+# the prompt: the text of --start, or of the file it names
+if start.startswith('FILE:'):
+    prompt_path = start[len('FILE:'):]
+    if not os.path.isfile(prompt_path):
+        raise ConfigError(f"start={start!r}: the prompt file {prompt_path!r} does not exist")
+    try:
+        with open(prompt_path, 'r', encoding='utf-8') as f:
+            prompt = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"start={start!r}: the prompt file {prompt_path!r} is not UTF-8 text "
+                          f"({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"start={start!r}: the prompt file {prompt_path!r} cannot be read "
+                          f"({e.strerror})") from None
+    prompt_source = f"the prompt file {prompt_path!r}"
+else:
+    prompt = start
+    prompt_source = f"start={start!r}"
+
 torch.manual_seed(seed)
 if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-device_type = 'cuda' if 'cuda' in device else 'mps' if 'mps' in device else 'cpu'
+    if torch.cuda.is_available():
+        device = 'cuda'
+    elif torch.backends.mps.is_available():
+        device = 'mps'
+    else:
+        device = 'cpu'
+device_type = torch.device(device).type # 'cuda', 'mps' or 'cpu', as autocast wants it
 if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
+    if device_type == 'cuda' and torch.cuda.is_bf16_supported():
+        dtype = 'bfloat16'
+    else:
+        dtype = 'float32'
 ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
 ctx = torch.amp.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
 
 # model
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
-    raise ConfigError(f"out_dir={out_dir!r}: no checkpoint at {ckpt_path}: train first (python train.py ...) or pass "
-                      f"--out_dir=<the train.py out_dir>")
-checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
-model = GPT(GPTConfig(**{**checkpoint['model_args'], 'attn_backend': attn_backend}))
+    raise ConfigError(f"out_dir={out_dir!r}: no checkpoint at {ckpt_path}: train first "
+                      f"(python train.py ...) or pass --out_dir=<the train.py out_dir>")
+try:
+    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    first_line = str(e).splitlines()[0]
+    raise ConfigError(f"{ckpt_path} is truncated or corrupt, it cannot be loaded "
+                      f"({type(e).__name__}: {first_line}): sample from an intact copy, e.g. a "
+                      f"numbered ckpt_<iter>.pt kept by train.py's keep_last_n") from None
+required = ['model', 'model_args', 'config']
+if isinstance(checkpoint, dict):
+    missing = [key for key in required if key not in checkpoint]
+else:
+    missing = required
+if missing:
+    raise ConfigError(f"{ckpt_path} is not a checkpoint of train.py (missing "
+                      f"{', '.join(missing)}): pass --out_dir=<the train.py out_dir>")
+try:
+    gptconf = GPTConfig(**{**checkpoint['model_args'], 'attn_backend': attn_backend})
+except ValueError as e:
+    raise ConfigError(str(e)) from None
+model = GPT(gptconf)
 model.load_state_dict(checkpoint['model'])
 model.eval()
 model.to(device)
@@ -58,12 +123,17 @@ dataset = checkpoint['config'].get('dataset', '')
 meta_path = os.path.join('data', dataset, 'meta.pkl')
 if dataset and os.path.exists(meta_path):
     print(f"Loading meta from {meta_path}...")
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
-    stoi, itos = meta['stoi'], meta['itos']
-    unknown = sorted(set(start) - set(stoi)) if not start.startswith('FILE:') else []
+    try:
+        with open(meta_path, 'rb') as f:
+            meta = pickle.load(f)
+        stoi, itos = meta['stoi'], meta['itos']
+    except Exception as e: # the dataset's file is at fault, not our code: name the file
+        raise ConfigError(f"{meta_path} cannot be read ({type(e).__name__}: {e}): prepare the "
+                          f"dataset again with `python data/{dataset}/prepare.py`") from None
+    unknown = sorted(set(prompt) - set(stoi))
     if unknown:
-        raise ConfigError(f"start={start!r} contains characters not in the {dataset} vocabulary: {unknown}")
+        raise ConfigError(f"{prompt_source} contains characters not in the {dataset} "
+                          f"vocabulary: {unknown}")
     encode = lambda s: [stoi[c] for c in s]
     decode = lambda l: ''.join([itos[i] for i in l])
 else:
@@ -74,18 +144,19 @@ else:
     decode = lambda l: enc.decode(l)
 
 # encode the beginning of the prompt
-if start.startswith('FILE:'):
-    if not os.path.isfile(start[5:]):
-        raise ConfigError(f"start={start!r}: the prompt file {start[5:]!r} does not exist")
-    with open(start[5:], 'r', encoding='utf-8') as f:
-        start = f.read()
-start_ids = encode(start)
+start_ids = encode(prompt)
+if not start_ids:
+    raise ConfigError(f"{prompt_source} is empty: the model needs at least one token to "
+                      f"continue; give it some text (the default --start is a newline)")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 
-# run generation
+# run generation: the samples in batches, each decoded with the KV cache (model.generate)
 with torch.no_grad():
     with ctx:
-        for k in range(num_samples):
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
-            print(decode(y[0].tolist()))
-            print('---------------')
+        for first in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - first)
+            y = model.generate(x.repeat(n, 1), max_new_tokens, temperature=temperature,
+                               top_k=top_k or None)
+            for sample in y.tolist():
+                print(decode(sample))
+                print('---------------')

@@ -1,45 +1,93 @@
-"""lr_transfer.py's runner: every run is train.py with the sweep's settings, cached by every
-setting that changes its outcome, so an interrupted sweep resumes and a study reuses runs."""
+"""The lr-transfer studies, lr_sweep.py and mup_payoff.py, on their shared runner (sweep_runner.py):
+every run is train.py, recorded under a key of every setting that changes its outcome; a
+recorded run is reused only when the user asks; the committed results stay valid caches."""
 import json
+import math
+import re
+import shutil
 
-import pytest
+from conftest import ROOT, ok, run_script
 
-import lr_transfer
+import mup_payoff
+from sweep_runner import NEUTRAL, REFERENCE, run_key, setting
 
-FIXED = dict(dataset='tiny', base_width=16, n_layer=1, n_head=2, batch_size=4, block_size=16, warmup_iters=1, grad_clip=1.0,
-             weight_decay=0.0, eval_iters=2, mup_scale_weight_decay=True, adam_eps=1e-8, mup_hidden_lr_exponent=1.0)
-
-
-def run(param, width=32, **kw):
-    return dict(lr_transfer.setting(param, width, log2_lr=-8, it=3, **kw), seed=1337)
+# the sweep on the tiny dataset of `workdir`: SP and muP at width 16, a few seconds per run
+TINY_SWEEP = ['--dataset=tiny', '--widths=16', '--base_width=16', '--n_layer=1', '--n_head=2', '--batch_size=4',
+              '--block_size=16', '--max_iters=3', '--warmup_iters=1', '--eval_iters=2', '--out=tiny']
 
 
-def test_cache_key_ignores_what_sp_ignores(tmp_path):
-    runner = lr_transfer.Runner(str(tmp_path / 'runs.json'), 1, 1, 'cpu', FIXED)
-    key = lambda r, **change: runner.key(dict(FIXED, device='cpu', **r, **change))
+def run(param, width=32, **changes):
+    return dict(REFERENCE, device='cpu', seed=1337, **setting(param, width, log2_lr=-8, it=3, **changes))
+
+
+def test_cache_key_ignores_what_sp_ignores():
     for change in (dict(base_width=32), dict(mup_hidden_lr_exponent=0.5), dict(mup_scale_weight_decay=False)):
-        assert key(run('sp')) == key(run('sp'), **change) # one SP run serves every muP-only variant
-        assert key(run('mup')) != key(run('mup'), **change)
-    for change in (dict(adam_eps=1e-12), dict(weight_decay=0.1), dict(n_head=1)):
-        assert key(run('sp')) != key(run('sp'), **change)
-    assert key(run('sp')) != key(run('sp', init_std=0.04)) != key(run('sp', width=64))
+        assert run_key(run('sp')) == run_key(run('sp', **change)) # one SP run serves every muP-only variant
+        assert run_key(run('mup')) != run_key(run('mup', **change))
+    for change in (dict(adam_eps=1e-12), dict(weight_decay=0.1), dict(n_head=1), dict(init_std=0.04),
+                   dict(width=64), dict(optimizer='muon'), dict(mup_base_depth=2)):
+        assert run_key(run('sp')) != run_key(run('sp', **change))
 
 
-def test_runs_train_py_and_resumes_from_the_cache(tmp_path, monkeypatch, workdir):
-    path = tmp_path / 'runs.json'
-    runner = lr_transfer.Runner(str(path), 2, 1, 'cpu', FIXED, cwd=workdir)
-    runs = [run('mup'), run('sp')]
-    records = runner.run_all(runs)
-    for record in records:
-        assert 0 < record['val_loss'] < 5 and record['train_loss'] > 0 # train.py ran to the end
-    assert len(json.loads(path.read_text())) == 2
-    # a new runner on the same file runs nothing: every result comes from the cache
-    resumed = lr_transfer.Runner(str(path), 2, 1, 'cpu', FIXED)
-    monkeypatch.setattr(resumed, 'train', lambda run: pytest.fail(f"re-ran a cached run: {run}"))
-    assert resumed.run_all(runs) == records
-    # a muP-only change reuses the SP run and trains the muP one again
-    changed = lr_transfer.Runner(str(path), 2, 1, 'cpu', dict(FIXED, mup_hidden_lr_exponent=0.5))
-    trained = []
-    monkeypatch.setattr(changed, 'train', lambda run: trained.append(run['param']) or dict(val_loss=1.0))
-    changed.run_all(runs)
-    assert trained == ['mup']
+def counts(stdout):
+    """(runs measured, runs reused) from a study's output."""
+    found = re.search(r'^(\d+) runs measured, (\d+) reused from results/\w+\.json$', stdout, re.M)
+    assert found, stdout[-2000:]
+    return int(found[1]), int(found[2])
+
+
+def test_sweep_measures_every_run_again_unless_told_to_reuse(tmp_path, workdir):
+    (tmp_path / 'data').symlink_to(workdir / 'data')
+    sweep = lambda *args: ok(run_script('lr_sweep.py', *TINY_SWEEP, *args, cwd=tmp_path))
+    assert counts(sweep('--log2_lrs=-8')) == (2, 0) # SP and muP
+    assert (tmp_path / 'assets' / 'tiny.png').exists()
+    assert counts(sweep('--log2_lrs=-8,-7', '--reuse=True')) == (2, 2) # only the new lr is trained
+    records = json.loads((tmp_path / 'results' / 'tiny.json').read_text())
+    assert sorted((r['param'], r['log2_lr']) for r in records) == [('mup', -8), ('mup', -7), ('sp', -8), ('sp', -7)]
+    assert all(0 < r['val_loss'] < 5 for r in records) # train.py ran to the end
+    assert counts(sweep('--log2_lrs=-8')) == (2, 0) # by default, recorded runs are measured again
+    assert len(json.loads((tmp_path / 'results' / 'tiny.json').read_text())) == 4 # their records replaced, not added
+
+
+def test_committed_results_are_reproduced_from_their_records(tmp_path):
+    """Every run of the default sweep and of the 150-step tune study is found in the committed
+    records (no data here: a missing run would fail), and the study's summary comes out as
+    committed."""
+    (tmp_path / 'results').mkdir()
+    shutil.copy(f'{ROOT}/results/lr_transfer.json', tmp_path / 'results')
+    assert counts(ok(run_script('lr_sweep.py', '--reuse=True', cwd=tmp_path))) == (0, 56)
+    stdout = ok(run_script('mup_payoff.py', '--study=tune', '--horizons=150', '--reuse=True', cwd=tmp_path))
+    assert counts(stdout)[0] == 0
+    tuned = json.loads((tmp_path / 'results' / 'lr_transfer_tuned.json').read_text())
+    with open(f'{ROOT}/results/lr_transfer_tuned.json') as f:
+        assert tuned == json.load(f)
+
+
+def test_payoff_runs_one_study(tmp_path):
+    for args in (['--study=tune,causes'], ['--tune=True', '--causes=True']): # the second is the old lr_transfer.py's
+        proc = run_script('mup_payoff.py', *args, cwd=tmp_path)
+        assert proc.returncode != 0
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith('error: '), proc.stderr
+    proc = run_script('mup_payoff.py', '--study=tune,causes', cwd=tmp_path)
+    assert 'choose one of tune, joint, causes' in proc.stderr
+    assert not (tmp_path / 'results').exists() # nothing was measured
+
+
+class Bowl:
+    """A stand-in for the Runner: a setting's loss is its squared log2 distance from `optimum`."""
+
+    def __init__(self, optimum):
+        self.optimum = optimum
+
+    def evaluate(self, settings):
+        log2 = lambda s, k: s[k] if k == 'log2_lr' else math.log2(s[k])
+        return [sum((log2(s, k) - log2(self.optimum, k)) ** 2 for k in self.optimum) for s in settings]
+
+
+def test_tune_walks_each_hyperparameter_to_its_optimum():
+    optimum = dict(log2_lr=-6, mup_output_mult=4.0, mup_attn_mult=0.5, mup_input_mult=2.0, init_std=0.04,
+                   muon_lr_mult=2.0)
+    hp, loss, lr_only, trace = mup_payoff.tune_mup(Bowl(optimum), 64, 150, start_log2_lr=-8, muon_lr_mult=1.0)
+    assert hp == optimum and loss == 0
+    assert lr_only == dict(NEUTRAL, log2_lr=-6, muon_lr_mult=1.0) # after the first coordinate, the lr
+    assert [name for name, _, _ in trace] == ['log2_lr', *NEUTRAL, 'muon_lr_mult', 'log2_lr']

@@ -59,7 +59,7 @@ def test_optimizer_groups_carry_lr_scale():
     unscaled = make(n_embd=128, mup_base_width=32, mup_scale_weight_decay=False)
     groups = unscaled.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').param_groups
     assert {g['name']: g['weight_decay'] for g in groups}['hidden'] == 0.1
-    # the finite-width study's exponent (lr_transfer.py --causes): hidden lr / m**0.5, decay * m**0.5
+    # the finite-width study's exponent (mup_payoff.py --study=causes): hidden lr / m**0.5, decay * m**0.5
     sqrt_m = make(n_embd=128, mup_base_width=32, mup_hidden_lr_exponent=0.5)
     groups = sqrt_m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', eps=1e-12).param_groups
     hidden = {g['name']: g for g in groups}['hidden']

@@ -352,10 +352,10 @@ class GatedBias(RelativeBias):
         super().__init__(config)
         self.gate = torch.nn.Parameter(torch.randn(config.n_embd, config.n_embd) * config.init_std)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask, kv_cache=None):
         g = torch.sigmoid(x @ self.gate) # (B, T, n_embd) -> one gate per (token, head)
         self.query_gate = g.view(*x.shape[:2], self.n_head, self.head_dim).mean(-1)
-        return super().forward(x, mask)
+        return super().forward(x, mask, kv_cache)
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
         return super().score_mod(score, b, h, q_idx, kv_idx) * 2 * self.query_gate[b, q_idx, h]
@@ -384,8 +384,8 @@ class ExtraProjection(MuPFlexAttention):
         super().__init__(config)
         self.extra = torch.nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, mask):
-        return super().forward(x, mask) + self.extra(x)
+    def forward(self, x, mask, kv_cache=None):
+        return super().forward(x, mask, kv_cache) + self.extra(x)
 
 
 @pytest.mark.parametrize('param, bound', [('mup', 0.25), ('sp', None)])

@@ -25,6 +25,10 @@ def test_train_loss_falls_and_resume_continues(workdir, param):
     assert val[60] < val[0] - 0.8, val # from ~ln(vocab) down to the easy structure of the text
     assert re.search(r'iter 59: loss [\d.]+, time [\d.]+ms, mfu', out)
     assert (out_dir / 'ckpt.pt').exists() and not (out_dir / 'ckpt.pt.tmp').exists()
+    # train.py prints the optimizer's groups: muP trains the hidden matrices at lr / m
+    groups = re.findall(r'^param group (\w+): \d+ tensors, [\d,]+ parameters, lr_scale ([\d.]+),', out,
+                        flags=re.M)
+    assert sorted(groups) == [('embedding', '1'), ('hidden', '0.5' if param else '1'), ('vector', '1')]
     if param:
         assert 'muP, base width 16, m = 2' in out
 
@@ -41,9 +45,9 @@ def test_sample_writes_text(workdir):
     out = run('sample.py', f'--out_dir={out_dir}', '--start=ROMEO', '--num_samples=2', '--max_new_tokens=40',
               '--device=cpu', cwd=workdir)
     assert 'Loading meta from' in out # char-level decoding from the dataset's meta.pkl
-    samples = [s for s in out.split('...\n', 1)[1].split('---------------') if s.strip()]
-    assert len(samples) == 2 and all(s.strip().startswith('ROMEO') for s in samples)
-    assert all(len(s.strip()) == len('ROMEO') + 40 for s in samples)
+    samples = out.split('...\n', 1)[1].split('\n---------------\n')[:-1] # print() adds the \n
+    assert len(samples) == 2 and all(s.startswith('ROMEO') for s in samples)
+    assert all(len(s) == len('ROMEO') + 40 for s in samples), samples
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
