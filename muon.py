@@ -6,9 +6,10 @@ The math is torch.optim.Muon's (torch 2.9+) step for step: the momentum buffer a
 average, Nesterov's look-ahead, the quintic Newton-Schulz iteration with its coefficients and
 5 steps, the 'original' lr adjustment sqrt(max(1, fan_out / fan_in)), and decoupled weight decay
 lr * wd. Two things differ, and they are why this file exists:
-- torch's Muon casts every matrix to bfloat16 for Newton-Schulz. On a CPU without fast bf16
-  matmuls (AVX2 only) that made one training step 10x slower than in fp32. Here the iteration
-  runs in the dtype the device is fast in: bf16 on CUDA, fp32 elsewhere (`ns_dtype` overrides).
+- torch's Muon casts every matrix to bfloat16 for Newton-Schulz. On a CPU without bf16 matmul
+  instructions (AVX2 only) that made one training step 10x slower than in fp32. Here the
+  iteration runs in the dtype the device is fast in: bf16 on CUDA and on CPUs with AVX-512 BF16
+  or AMX, fp32 elsewhere (`ns_dtype` overrides).
 - The orthogonalization is one function, `orthogonalize`, applied to whole matrices, so that a
   sharded run (each process holding rows of a matrix) can gather a matrix and call the same code:
   the orthogonal factor of a shard is not a shard of the orthogonal factor.
@@ -57,10 +58,19 @@ def update_scale(shape):
     return math.sqrt(max(1.0, fan_out / fan_in))
 
 
+def cpu_has_bf16_matmul():
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX). Without it a
+    bf16 matmul is emulated: 26.6 ms against 0.51 ms in fp32 for 256^3 on an AVX2-only EPYC.
+    Asked of the hardware, not timed, so that a run and its resume always pick the same dtype."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def default_ns_dtype(device):
-    """bf16 where the device has fast bf16 matmuls (CUDA), fp32 elsewhere: on some CPUs a bf16
-    matmul is 50x slower than an fp32 one."""
+    """The dtype Newton-Schulz runs in: bf16 where the device has fast bf16 matmuls (CUDA, and
+    CPUs with bf16 instructions, where torch's Muon's choice is the faster one), fp32 elsewhere."""
     if device.type == 'cuda':
+        return torch.bfloat16
+    if device.type == 'cpu' and cpu_has_bf16_matmul():
         return torch.bfloat16
     return torch.float32
 

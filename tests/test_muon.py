@@ -50,8 +50,8 @@ def test_muon_equals_torch_muon_in_bfloat16(nesterov):
 
 
 def test_orthogonalize_in_float32_is_near_orthogonal_and_close_to_bfloat16():
-    """fp32 (the CPU default) runs the same iteration: singular values in Newton-Schulz's band
-    around 1, and within bf16's rounding of torch's result."""
+    """fp32 (CPUs without bf16 instructions) runs the same iteration: singular values in
+    Newton-Schulz's band around 1, and within bf16's rounding of torch's result."""
     g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     fp32 = orthogonalize(g, torch.float32)
     assert fp32.dtype == torch.float32
@@ -59,24 +59,24 @@ def test_orthogonalize_in_float32_is_near_orthogonal_and_close_to_bfloat16():
     assert singular_values.min() > 0.6 and singular_values.max() < 1.25, singular_values
     bf16 = orthogonalize(g, torch.bfloat16).float()
     assert (fp32 - bf16).abs().max() < 0.03
-    assert default_ns_dtype(torch.device('cpu')) == torch.float32
 
 
-def test_muon_steps_in_float32_on_cpu():
-    """No bfloat16 anywhere in a CPU Muon step (a bf16 matmul is 50x slower on AVX2-only CPUs)."""
-    p = torch.nn.Parameter(torch.randn(32, 32))
-    p.grad = torch.randn(32, 32)
+@pytest.mark.parametrize('has_bf16', [False, True])
+def test_muon_steps_in_bfloat16_only_on_cpus_that_have_it(has_bf16, monkeypatch):
+    """A CPU without bf16 instructions gets no bf16 anywhere in a Muon step (there a bf16 matmul
+    is emulated, ~50x slower than fp32); one with them gets torch's bf16."""
+    monkeypatch.setattr(muon_module, 'cpu_has_bf16_matmul', lambda: has_bf16)
     seen = []
     original = muon_module.orthogonalize
     def spy(matrix, dtype, *args, **kwargs):
         seen.append(dtype)
         return original(matrix, dtype, *args, **kwargs)
-    muon_module.orthogonalize = spy
-    try:
-        Muon([p], lr=0.01).step()
-    finally:
-        muon_module.orthogonalize = original
-    assert seen == [torch.float32]
+    monkeypatch.setattr(muon_module, 'orthogonalize', spy)
+    p = torch.nn.Parameter(torch.randn(32, 32))
+    p.grad = torch.randn(32, 32)
+    Muon([p], lr=0.01).step()
+    assert seen == [torch.bfloat16 if has_bf16 else torch.float32]
+    assert default_ns_dtype(torch.device('cuda')) == torch.bfloat16
 
 
 @pytest.mark.parametrize('mup_base_width', [0, 64])
