@@ -66,7 +66,7 @@ FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_a
                  'test_subclass_parameters_are_classified_by_shape', 'test_graph_parameters_are_not_hidden_and_get_gradients',
                  'test_untied_readout_starts_at_zero')
 MUP_TESTS = ['tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
-             'tests/test_muon.py', 'tests/test_graph_attention.py']
+             'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py']
 
 
 def mutated_copy(name, into):
