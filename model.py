@@ -169,8 +169,14 @@ class MuPFlexAttention(nn.Module):
 
     Layers of one class and attn_mod share the mask of a forward: GPT.forward builds it once,
     from the first of them, so a mask_mod may read data (document ids, a graph) but must not
-    differ between those layers.
+    differ between those layers. Such a mask is rebuilt at every forward; one that reads only
+    positions (the catalog's, or a subclass's that sets `static_mask = True`) is built once per
+    sequence length and device and reused.
     """
+
+    # True: this class's own mask_mod reads nothing but the positions and the config, so its
+    # mask can be built once and reused. A subclass's mask is taken to read data unless it says so.
+    static_mask = False
 
     def __init__(self, config):
         super().__init__()
@@ -210,6 +216,14 @@ class MuPFlexAttention(nn.Module):
         overridden = type(self).score_mod is not MuPFlexAttention.score_mod
         return overridden or self.catalog_mods().score_mod is not None
 
+    def mask_reads_data(self):
+        """Whether the mask must be rebuilt at every forward: a subclass's own mask_mod or
+        make_mask may read tensors it was given (document ids, a graph), unless the class sets
+        static_mask = True. The catalog's masks read only positions."""
+        own_mask_mod = type(self).mask_mod is not MuPFlexAttention.mask_mod
+        own_make_mask = type(self).make_mask is not MuPFlexAttention.make_mask
+        return (own_mask_mod or own_make_mask) and not type(self).static_mask
+
     def is_plain_causal(self):
         """Causal attention with nothing added: what SDPA's fused kernels compute."""
         overridden = type(self).mask_mod is not MuPFlexAttention.mask_mod
@@ -244,16 +258,22 @@ class MuPFlexAttention(nn.Module):
     def make_mask(self, B, T, device, q_offset=0):
         """The mask of B sequences of T queries at positions q_offset.. over the keys 0 .. q_offset
         + T - 1 (q_offset > 0: decoding after cached keys), for this layer's backend: None (SDPA's
-        own causal mask), a flex BlockMask, or a boolean tensor (dense)."""
+        own causal mask), a flex BlockMask, or a boolean tensor (dense). B=None: one mask for
+        every sequence (a mask that reads no data). Only the dims a mask varies along are kept:
+        the catalog's masks are the same for every head (a flex BlockMask with H = None), and
+        the dense mask drops each dim it does not vary along."""
         backend = self.resolve_backend(device)
         if backend == 'sdpa':
             return None
         if backend == 'flex':
             def mask_mod(b, h, q_idx, kv_idx): # flex counts queries from 0: add their offset
                 return self.mask_mod(b, h, q_idx + q_offset, kv_idx)
-            return create_block_mask(mask_mod, B, self.n_head, T, q_offset + T, device=device)
+            H = self.n_head
+            if type(self).mask_mod is MuPFlexAttention.mask_mod:
+                H = None
+            return create_block_mask(mask_mod, B, H, T, q_offset + T, device=device)
         mask_mod = lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx)
-        return dense_mask(mask_mod, B, self.n_head, T, device, q_offset)
+        return dense_mask(mask_mod, B or 1, self.n_head, T, device, q_offset)
 
     def attend(self, q, k, v, mask):
         """q: (B, n_head, Tq, head_dim), k and v: (B, n_head, Tk, head_dim) -> like q; the queries
@@ -427,6 +447,8 @@ class GPT(nn.Module):
         if config.tie_weights:
             # https://paperswithcode.com/method/weight-tying
             self.transformer.wte.weight = self.lm_head.weight
+        # masks that read no data, by (pattern, length, device): built once, never stale (mask_for)
+        self.static_masks = {}
         if _shapes_only: # a throwaway model on the meta device, only read for its parameter shapes
             return
         if config.attn_backend == 'sdpa':
@@ -534,7 +556,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             pattern = (type(block.attn), block.attn.attn_mod)
             if pattern not in masks:
-                masks[pattern] = block.attn.make_mask(b, t, idx.device, start)
+                masks[pattern] = self.mask_for(block.attn, b, t, idx.device, start)
             layer_cache = None
             if kv_cache is not None:
                 layer_cache = kv_cache.layer(i)
@@ -553,6 +575,19 @@ class GPT(nn.Module):
             logits = self.readout(x[:, [-1], :]) # note: using list [-1] to preserve the time dim
             loss = None
         return logits, loss
+
+    def mask_for(self, attn, B, T, device, q_offset=0):
+        """attn's mask for a forward of B sequences of T tokens: built anew if it reads data, so
+        it is never stale; else built once per length and device, for every batch, and kept.
+        Decoding steps (q_offset > 0) build theirs, one query row, each step."""
+        if attn.mask_reads_data():
+            return attn.make_mask(B, T, device, q_offset)
+        if q_offset > 0:
+            return attn.make_mask(None, T, device, q_offset)
+        key = (type(attn), attn.attn_mod, T, str(device))
+        if key not in self.static_masks:
+            self.static_masks[key] = attn.make_mask(None, T, device)
+        return self.static_masks[key]
 
     def readout(self, x):
         """Every path to logits goes through here: muP's readout multiplier output_mult / m

@@ -193,23 +193,79 @@ def test_attn_mod_config_string_selects_the_mask(attn_mod, expected):
 
 
 @pytest.mark.parametrize('backend', ['dense', 'flex'])
-def test_one_mask_per_forward_and_pattern_shared_by_its_layers(backend, monkeypatch):
-    """Four layers alternating a sliding window and global causal attention, as Gemma 2 does: each
-    forward builds one mask per pattern (causal on SDPA needs none), whatever the layer count."""
+def test_a_data_free_mask_is_built_once_per_length_and_shared_by_its_layers(backend, monkeypatch):
+    """Four layers alternating a sliding window and global causal attention, as Gemma 2 does: the
+    catalog's masks read only positions, so each pattern's is built once for a sequence length,
+    whatever the layer count and the number of forwards, and again for a new length."""
     built = []
     make_mask = MuPFlexAttention.make_mask
-    monkeypatch.setattr(MuPFlexAttention, 'make_mask', lambda self, *a: built.append(self.attn_mod) or make_mask(self, *a))
+    monkeypatch.setattr(MuPFlexAttention, 'make_mask', lambda self, *a: built.append((self.attn_mod, a[1]))
+                        or make_mask(self, *a))
     gpt = GPT(config('sliding_window:3,causal', n_layer=4, attn_backend=backend))
     assert [block.attn.attn_mod for block in gpt.transformer.h] == ['sliding_window:3', 'causal'] * 2
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(3):
             gpt(tokens(B, T, vocab_size=11))
-        assert built == ['sliding_window:3', 'causal'] * 2
+        assert built == [('sliding_window:3', T), ('causal', T)]
+        gpt(tokens(B, T - 4, vocab_size=11))
+        gpt(tokens(B + 1, T, vocab_size=11)) # another batch size: the same mask serves
+        assert built == [('sliding_window:3', T), ('causal', T), ('sliding_window:3', T - 4), ('causal', T - 4)]
         alternating = gpt(tokens(B, T, vocab_size=11))[0]
         for single in ('sliding_window:3', 'causal'): # the same weights with one pattern everywhere differ
             other = GPT(config(single, n_layer=4, attn_backend=backend))
             other.load_state_dict(gpt.state_dict())
             assert (other(tokens(B, T, vocab_size=11))[0] - alternating).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize('backend', ['dense', 'flex'])
+def test_a_mask_that_reads_data_is_rebuilt_at_every_forward(backend, monkeypatch):
+    """Document ids assigned anew before each forward: the outputs are a fresh model's for
+    those ids, never those of a mask kept from an earlier batch. 256 tokens, two of flex's
+    128-blocks: a stale BlockMask would keep the block of the second document's queries over
+    the first one's keys, which flex computes without asking the mask_mod (flex's eager CPU path asks it everywhere: there
+    the count of builds shows it)."""
+    class Packed(MuPFlexAttention):
+        def mask_mod(self, b, h, q_idx, kv_idx):
+            return document_mask(self.document_ids)(b, h, q_idx, kv_idx)
+
+    def with_ids(gpt, ids):
+        for block in gpt.transformer.h:
+            block.attn.document_ids = ids
+        return gpt
+
+    T_long = 256
+    one_document = torch.zeros(B, T_long, dtype=torch.long)
+    two_documents = (torch.arange(T_long) >= 128).long().expand(B, -1)
+    built = []
+    make_mask = MuPFlexAttention.make_mask
+    monkeypatch.setattr(MuPFlexAttention, 'make_mask', lambda self, *a: built.append(a) or make_mask(self, *a))
+    torch.manual_seed(0)
+    reused = GPT(config(attn_backend=backend, block_size=T_long), Packed)
+    x = tokens(B, T_long, vocab_size=11)
+    with torch.no_grad():
+        with_ids(reused, one_document)(x)
+        second = with_ids(reused, two_documents)(x, x)[0]
+        assert len(built) == 2 # one per forward: the layers share it
+        fresh = GPT(config(attn_backend=backend, block_size=T_long), Packed)
+        fresh.load_state_dict(reused.state_dict())
+        torch.testing.assert_close(second, with_ids(fresh, two_documents)(x, x)[0], rtol=0, atol=1e-5)
+        assert (second - with_ids(fresh, one_document)(x, x)[0]).abs().max() > 1e-3 # the ids matter
+
+
+@pytest.mark.parametrize('spec', ['causal', 'sliding_window:5', 'prefix_lm:7', 'alibi', 'soft_cap:2'])
+def test_a_block_mask_without_batch_and_head_dims_equals_the_full_one(spec):
+    """The catalog's masks vary along neither batch nor heads: a BlockMask built with B = H = None
+    blocks out what the full (B, H) one does, and flex gives the same outputs with either."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    T_long = 300 # more than two of flex's 128-blocks, so the block structure is exercised
+    attn = MuPFlexAttention(config(spec, block_size=T_long, attn_backend='flex'))
+    mask_mod = lambda b, h, q_idx, kv_idx: attn.mask_mod(b, h, q_idx, kv_idx)
+    full = create_block_mask(mask_mod, B, N_HEAD, T_long, T_long, device='cpu')
+    compact = attn.make_mask(None, T_long, torch.device('cpu'))
+    assert compact.shape[:2] == (1, 1) and full.shape[:2] == (B, N_HEAD)
+    assert torch.equal(compact.to_dense().expand(B, N_HEAD, -1, -1), full.to_dense())
+    q, k, v = (torch.randn(B, N_HEAD, T_long, HEAD_DIM, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(attn.attend(q, k, v, compact), attn.attend(q, k, v, full), rtol=0, atol=1e-6)
 
 
 def gpt_with(attn_cls, seed=0):

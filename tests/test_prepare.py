@@ -1,3 +1,5 @@
+import json
+import os
 import pickle
 import runpy
 import subprocess
@@ -88,3 +90,38 @@ def test_existing_input_in_out_dir_is_reused(script, input_file, offline):
     prepare = runpy.run_path(str(script))['prepare']
     prepare(out_dir=str(input_file.parent))
     assert (input_file.parent / 'train.bin').exists()
+
+
+OWT_SCRIPT = ROOT / 'data' / 'openwebtext' / 'prepare.py'
+
+
+def test_openwebtext_ids_decode_back_to_the_documents(tmp_path):
+    """A small local dataset in the hub's layout (jsonl, a 'text' column), through the datasets
+    loader as the real one goes: every document, followed by GPT-2's end-of-text token, lands in
+    exactly one of train.bin and val.bin, and decodes back to itself."""
+    documents = [f"Document {i}: <|endoftext|> is text here, café {'word ' * (i % 7)}" for i in range(400)]
+    data = tmp_path / 'owt.jsonl'
+    data.write_text(''.join(json.dumps({'text': text}) + '\n' for text in documents))
+    out_dir = tmp_path / 'out'
+    env = {**os.environ, 'HF_HOME': str(tmp_path / 'hf')} # the datasets cache, not the user's
+    result = subprocess.run([sys.executable, str(OWT_SCRIPT), f'--input={data}', f'--out_dir={out_dir}',
+                             '--num_proc=1', '--val_fraction=0.05'], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out_dir.iterdir()) == ['train.bin', 'val.bin']
+    enc = tiktoken.get_encoding('gpt2')
+    splits = {}
+    for split in ('train', 'val'):
+        ids = read_bin(out_dir / f'{split}.bin').tolist()
+        assert ids[-1] == enc.eot_token
+        # split the ids at the special token: a document's own '<|endoftext|>' is ordinary text
+        documents_here, current = [], []
+        for token in ids:
+            if token == enc.eot_token:
+                documents_here.append(enc.decode(current))
+                current = []
+            else:
+                current.append(token)
+        splits[split] = documents_here
+    assert len(splits['val']) == 20 # 5 % of 400
+    assert sorted(splits['train'] + splits['val']) == sorted(documents)
