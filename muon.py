@@ -10,15 +10,18 @@ lr * wd. Two things differ, and they are why this file exists:
   instructions (AVX2 only) that made one training step 10x slower than in fp32. Here the
   iteration runs in the dtype the device is fast in: bf16 on CUDA and on CPUs with AVX-512 BF16
   or AMX, fp32 elsewhere (`ns_dtype` overrides).
-- The orthogonalization is one function, `orthogonalize`, applied to whole matrices, so that a
-  sharded run (each process holding rows of a matrix) can gather a matrix and call the same code:
-  the orthogonal factor of a shard is not a shard of the orthogonal factor.
+- The orthogonalization is one function, `orthogonalize`, always applied to a whole matrix: under
+  FSDP (each process holding rows of a matrix, a DTensor) the update is gathered, orthogonalized
+  whole on every process, and each keeps its own rows (`orthogonalize_whole`). The orthogonal
+  factor of a shard is not a shard of the orthogonal factor: torch's Muon, which orthogonalizes
+  each process's shard, trains another model there (tests/test_fsdp.py).
 Why Muon's lr needs no 1/m under muP: docs/mup.md, Muon.
 """
 
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Keller Jordan's quintic coefficients (also torch.optim.Muon's): they maximize the slope at
 # zero, so 5 steps bring every singular value into roughly [0.7, 1.2], which trains as well as
@@ -47,6 +50,17 @@ def orthogonalize(matrix, dtype, steps=NS_STEPS, coefficients=NS_COEFFICIENTS, e
     if tall:
         x = x.T
     return x
+
+
+def orthogonalize_whole(update, dtype):
+    """orthogonalize(update), on the whole matrix also when `update` is sharded across processes
+    (an FSDP DTensor): gathered, orthogonalized on every process (the same result everywhere), and
+    cut back to this process's rows without communication. Each process holds one full matrix
+    at a time and does all the Newton-Schulz work (docs/mup.md, Muon)."""
+    if isinstance(update, DTensor):
+        whole = orthogonalize(update.full_tensor(), dtype)
+        return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+    return orthogonalize(update, dtype)
 
 
 def update_scale(shape):
@@ -119,7 +133,7 @@ class Muon(torch.optim.Optimizer):
                 else:
                     update = buffer
                 ns_dtype = self.ns_dtype or default_ns_dtype(p.device)
-                update = orthogonalize(update, ns_dtype)
+                update = orthogonalize_whole(update, ns_dtype)
                 p.mul_(1 - lr * group['weight_decay'])  # decoupled, as AdamW
                 p.add_(update, alpha=-lr * update_scale(p.shape))
         return loss

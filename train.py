@@ -36,6 +36,11 @@ from dataclasses import fields
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, configure
@@ -85,6 +90,9 @@ decay_lr = True # whether to decay the learning rate
 warmup_iters = 100 # how many steps to warm up for
 lr_decay_iters = 5000 # should be ~= max_iters per Chinchilla
 min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# FSDP2 (under torchrun): shard parameters, gradients and optimizer state over the processes
+# instead of replicating them as DDP does; for models whose training state outgrows one device
+fsdp = False
 # system
 device = 'auto' # 'auto' (cuda > mps > cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 # 'auto': bfloat16 where the GPU supports it, else float16 on CUDA; float32 off CUDA
@@ -154,6 +162,13 @@ if device != 'auto':
     if asked.type == 'mps' and not torch.backends.mps.is_available():
         raise ConfigError(f"device={device!r}, but MPS is not available here: "
                           f"use --device=cpu (or auto)")
+
+if fsdp and not ddp:
+    raise ConfigError("fsdp=True shards the model over torchrun's processes: launch with "
+                      "torchrun --standalone --nproc_per_node=<N> train.py ... --fsdp=True")
+if fsdp and dtype == 'float16':
+    raise ConfigError("fsdp=True with dtype='float16': FSDP here computes in bfloat16 or "
+                      "float32; use --dtype=bfloat16 (or auto)")
 
 if gradient_accumulation_steps % ddp_world_size:
     raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps}: must be a "
@@ -247,8 +262,6 @@ local_accum_steps = gradient_accumulation_steps // ddp_world_size
 if master_process:
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
-# dropout differs per process; the batches come from data_rng below
-torch.manual_seed(seed + ddp_rank)
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
 if dtype == 'auto':
@@ -329,6 +342,12 @@ def load_checkpoint():
         advice = ("Resume with the config file and flags of the run that wrote it (only "
                   "attn_backend may change).")
         raise ConfigError("\n".join([heading, *differences, advice]))
+    saved_fsdp = checkpoint['config'].get('fsdp', False)
+    if saved_fsdp != fsdp:
+        raise ConfigError(f"fsdp={fsdp}: {ckpt_path} was saved by a run with fsdp={saved_fsdp}, "
+                          f"whose optimizer state it holds in that run's layout; resume with "
+                          f"--fsdp={saved_fsdp} (the model weights alone load either way, as "
+                          f"sample.py does)")
     saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
     if saved_optimizer != config['optimizer']:
         raise ConfigError(f"optimizer={config['optimizer']!r}: {ckpt_path} was trained with "
@@ -354,9 +373,13 @@ else:
     best_val_loss = 1e9
     skipped_steps = 0 # non-finite steps skipped (skip_nonfinite)
 start_iter = iter_num # a save at start_iter would only rewrite the checkpoint we started from
+# the same init on every process: FSDP shards each process's copy, and has no broadcast of
+# rank 0's as DDP has. Then dropout differs per process; the batches come from data_rng.
+torch.manual_seed(seed)
 model = GPT(gptconf)
+torch.manual_seed(seed + ddp_rank)
 if checkpoint is not None:
-    model.load_state_dict(checkpoint['model'])
+    model.load_state_dict(checkpoint['model']) # the whole model, before any sharding
 model.to(device)
 if master_process:
     backends = {block.attn.resolve_backend(torch.device(device)) for block in model.transformer.h}
@@ -367,6 +390,19 @@ if master_process:
     print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     print(f"model: {parametrization}; attention {gptconf.attn_mod} on the "
           f"{'/'.join(sorted(backends))} backend; device {device}, {dtype}")
+
+# FSDP2: every Block, then the root (embeddings, ln_f, the readout), holds its parameters
+# sharded across the processes and gathers them only for its forward and backward. The muP
+# param groups were decided by name before (GPT._classify_params), so sharding changes none.
+if fsdp:
+    if ptdtype == torch.bfloat16:
+        # bf16 compute, the gradients reduced in fp32
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 # initialize a GradScaler. If enabled=False scaler is a no-op
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -383,7 +419,12 @@ if checkpoint is not None:
     settings = []
     for group in optimizer.param_groups:
         settings.append({key: value for key, value in group.items() if key != 'params'})
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    if fsdp: # saved whole (full_state_dict): each process takes its shards of it
+        optimizers = getattr(optimizer, 'optimizers', [optimizer])
+        set_optimizer_state_dict(model, optimizers, checkpoint['optimizer'],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(checkpoint['optimizer'])
     for group, setting in zip(optimizer.param_groups, settings):
         group.update(setting)
 if master_process:
@@ -400,7 +441,7 @@ if compile:
     model = torch.compile(model)
 
 # wrap model into DDP container
-if ddp:
+if ddp and not fsdp:
     if device_type == 'cuda':
         model = DDP(model, device_ids=[ddp_local_rank])
     else:
@@ -450,9 +491,21 @@ def groups_with_nonfinite_grads():
     names = set()
     for group in optimizer.param_groups:
         for p in group['params']:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
+            grad = p.grad
+            if isinstance(grad, DTensor): # FSDP: this process's shard
+                grad = grad.to_local()
+            if grad is not None and not torch.isfinite(grad).all():
                 names.add(group['name'])
     return sorted(names)
+
+def local_megabytes(tensors):
+    """The memory these tensors take on this process: under FSDP, its shards only."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        total += t.numel() * t.element_size()
+    return total / 2**20
 
 def rng_states():
     """Every process's RNG states (python, numpy, torch, CUDA), gathered from all processes,
@@ -487,15 +540,32 @@ def set_rng_states(states):
     if device_type == 'cuda' and state['cuda'] is not None:
         torch.cuda.set_rng_state(state['cuda'])
 
+def training_state():
+    """(model, optimizer) state dicts to save. Under FSDP a collective, called on every process:
+    the shards are gathered into whole tensors on the master's CPU (full_state_dict), so the file
+    is the same as a single process's for the model (sample.py and analyze_jacobian.py read it
+    as is) and its optimizer state loads at any number of processes."""
+    if not fsdp:
+        return raw_model.state_dict(), optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optimizers = getattr(optimizer, 'optimizers', [optimizer])
+    model_state = get_model_state_dict(raw_model, options=options)
+    optimizer_state = get_optimizer_state_dict(raw_model, optimizers, options=options)
+    return model_state, optimizer_state
+
 def save_checkpoint(rng):
     """Atomic: write a temporary file beside ckpt.pt, fsync, then rename it over ckpt.pt, so a
     kill at any moment leaves the previous checkpoint intact. With keep_last_n the file is
     renamed to ckpt_<iter>.pt instead and ckpt.pt becomes a second name (hard link) of it: no
     second write. A write that fails (a full disk) removes the temporary file and stops the run,
-    as every later save would fail the same way."""
+    as every later save would fail the same way. Called on every process under FSDP (the
+    gathering), on the master alone otherwise; only the master writes."""
+    model_state, optimizer_state = training_state()
+    if not master_process:
+        return
     checkpoint = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+        'model': model_state,
+        'optimizer': optimizer_state,
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
@@ -578,12 +648,15 @@ while True:
     # evaluate the loss on train/val sets and write checkpoints
     if iter_num % eval_interval == 0:
         rng = rng_states() # on every process, before its RNGs move on
-        if master_process:
+        # under FSDP every process takes part in each forward: all evaluate (the same batches,
+        # so the same losses and the same decision to save), the master reports
+        if master_process or fsdp:
             losses = estimate_loss()
             train_loss = losses['train']
             val_loss = losses['val']
-            print(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-            if wandb_log:
+            if master_process:
+                print(f"step {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+            if wandb_log and master_process:
                 wandb.log({"iter": iter_num, "train/loss": train_loss, "val/loss": val_loss})
             # a non-finite eval loss (skip_nonfinite after a blow-up) must not replace the last
             # good checkpoint
@@ -599,9 +672,12 @@ while True:
     # and using the GradScaler if data type is float16
     loss_sum = torch.zeros((), device=device)
     for micro_step, (X, Y) in enumerate(batches):
-        if ddp:
-            # only sync gradients at the last micro step of the global batch
-            model.require_backward_grad_sync = (micro_step == local_accum_steps - 1)
+        # only sync gradients at the last micro step of the global batch
+        last_micro_step = micro_step == local_accum_steps - 1
+        if fsdp:
+            raw_model.set_requires_gradient_sync(last_micro_step)
+        elif ddp:
+            model.require_backward_grad_sync = last_micro_step
         with ctx:
             logits, loss = model(X, Y)
             # mean over this process's micro-batches; DDP then averages over processes, which
@@ -617,7 +693,7 @@ while True:
     # after DDP's all-reduce) and whether any process was asked to stop, so that all act alike.
     scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads)
+    grad_norm = torch.nn.utils.get_total_norm(grads) # a DTensor under FSDP, over all shards
     stop_flag = torch.tensor(float(stop_signal is not None), device=device)
     step_stats = torch.stack([loss_sum, stop_flag])
     if ddp:
@@ -625,7 +701,10 @@ while True:
     loss_total, n_stopping = step_stats.tolist()
     lossf = loss_total / ddp_world_size
     stop_requested = n_stopping > 0
-    grad_normf = grad_norm.item()
+    if isinstance(grad_norm, DTensor):
+        grad_normf = grad_norm.full_tensor().item()
+    else:
+        grad_normf = grad_norm.item()
 
     # the non-finite guard; fp16's GradScaler expects overflowing gradients now and then and
     # skips those steps itself
@@ -655,6 +734,15 @@ while True:
     # flush the gradients as soon as we can, no need for this memory anymore
     optimizer.zero_grad(set_to_none=True)
 
+    if local_iter_num == 0 and master_process: # the optimizer's state exists after its first step
+        state = []
+        for opt in getattr(optimizer, 'optimizers', [optimizer]):
+            for param_state in opt.state.values():
+                state += [v for v in param_state.values() if isinstance(v, torch.Tensor)]
+        print(f"training state on this process: parameters "
+              f"{local_megabytes(model.parameters()):.2f} MB, optimizer state "
+              f"{local_megabytes(state):.2f} MB")
+
     # timing and logging
     t1 = time.time()
     dt = t1 - t0
@@ -676,8 +764,9 @@ while True:
     # graceful stop: the step is done, save where the next one would start
     if stop_requested:
         rng = rng_states()
-        if master_process:
+        if master_process or fsdp:
             save_checkpoint(rng)
+        if master_process:
             reason = stop_signal or 'stop requested by another process'
             print(f"{reason}: stopped before iter {iter_num}; checkpoint in {ckpt_path}, "
                   f"continue with --init_from=resume")

@@ -1,0 +1,125 @@
+"""FSDP2 (train.py --fsdp=True under torchrun): on 2 gloo processes it trains the model one
+process trains with the same global batch, with AdamW and with Muon, muP on; the muP groups are
+those of one process; Muon orthogonalizes whole matrices (torch's Muon, on shards, does not);
+checkpoints resume exactly and are read by sample.py on one process."""
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script
+
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+MUP = ['--n_embd=32', '--mup_base_width=16', '--gradient_accumulation_steps=2', '--eval_interval=10']
+
+
+def train(*args, cwd, launcher=(sys.executable,)):
+    return ok(run_script('train.py', *TINY_TRAIN, *MUP, *args, cwd=cwd, launcher=launcher))
+
+
+def iter_losses(stdout):
+    return {int(it): float(loss) for it, loss in re.findall(r'^iter (\d+): loss (\S+),', stdout, flags=re.M)}
+
+
+def group_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith('param group ')]
+
+
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
+    """The same global batch (2 micro-batches): accumulated in one process, or one per FSDP
+    process. Losses at each of 20 iterations within 1e-4 (measured: 0, as printed); the param groups
+    printed (names, sizes, lr_scale, weight decay, eps) are the same."""
+    args = ['--max_iters=19', f'--optimizer={optimizer}', '--muon_lr_mult=4']
+    one = train(*args, f'--out_dir={workdir / ("fsdp-one-" + optimizer)}', cwd=workdir)
+    two = train(*args, '--fsdp=True', f'--out_dir={workdir / ("fsdp-two-" + optimizer)}', cwd=workdir,
+                launcher=TORCHRUN)
+    one_losses, two_losses = iter_losses(one), iter_losses(two)
+    assert sorted(one_losses) == sorted(two_losses) == list(range(20))
+    worst = max(abs(one_losses[i] - two_losses[i]) for i in one_losses)
+    print(f"{optimizer}: max |loss difference| {worst:.3g}")
+    assert worst < 1e-4, (worst, one_losses, two_losses)
+    assert group_lines(two) == group_lines(one) and len(group_lines(one)) >= 3
+
+
+MUON_ON_SHARDS = textwrap.dedent('''
+    import sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    sys.path.insert(0, {root!r})
+    from muon import Muon
+    dist.init_process_group('gloo')
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 32, bias=False) # 32 x 16: each of 2 processes holds 16 rows
+    start = layer.weight.detach().clone()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    fully_shard(layer)
+    optimizer = {optimizer}([layer.weight], lr=0.1, weight_decay=0.0, momentum=0.9)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    full = layer.weight.full_tensor()
+    if dist.get_rank() == 0:
+        torch.save(dict(start=start, after=full, x=x), {out!r})
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.parametrize('optimizer, equal', [('Muon', True), ('torch.optim.Muon', False)])
+def test_muon_orthogonalizes_whole_matrices_under_fsdp(tmp_path, optimizer, equal):
+    """One step on a sharded 32 x 16 Linear, 2 gloo processes, against the same step on one
+    process: the project's Muon gathers each matrix (equal within 1e-6); torch's orthogonalizes
+    each process's shard, which is not a shard of the orthogonal factor (off by a large part of
+    the update)."""
+    out = tmp_path / 'after.pt'
+    script = tmp_path / 'muon_on_shards.py'
+    script.write_text(MUON_ON_SHARDS.format(root=ROOT, optimizer=optimizer, out=str(out)))
+    proc = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120,
+                          env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(out)
+    layer = torch.nn.Linear(16, 32, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(saved['start'])
+    reference = {'Muon': __import__('muon').Muon, 'torch.optim.Muon': torch.optim.Muon}[optimizer]
+    one = reference([layer.weight], lr=0.1, weight_decay=0.0, momentum=0.9)
+    layer(saved['x']).square().sum().backward()
+    one.step()
+    difference = (saved['after'] - layer.weight).abs().max().item()
+    update = (layer.weight - saved['start']).abs().max().item()
+    if equal:
+        assert difference < 1e-6, difference
+    else:
+        assert difference > 0.1 * update, (difference, update)
+
+
+def test_an_fsdp_run_resumes_exactly_and_samples_on_one_process(workdir):
+    """Stopped at iter 10 (its checkpoint) and resumed under FSDP, with Muon and dropout: the same
+    losses as the run that went on; sample.py reads the FSDP checkpoint on one process."""
+    args = ['--optimizer=muon', '--muon_lr_mult=4', '--dropout=0.1', '--fsdp=True']
+    full_dir, cut_dir = workdir / 'fsdp-full', workdir / 'fsdp-cut'
+    full = iter_losses(train(*args, '--max_iters=19', f'--out_dir={full_dir}', cwd=workdir, launcher=TORCHRUN))
+    train(*args, '--max_iters=10', f'--out_dir={cut_dir}', cwd=workdir, launcher=TORCHRUN)
+    resumed = iter_losses(train(*args, '--max_iters=19', f'--out_dir={cut_dir}', '--init_from=resume',
+                                cwd=workdir, launcher=TORCHRUN))
+    assert sorted(resumed) == list(range(10, 20))
+    assert all(resumed[i] == full[i] for i in resumed), (resumed, full)
+    sampled = ok(run_script('sample.py', f'--out_dir={cut_dir}', '--device=cpu', '--num_samples=1',
+                            '--max_new_tokens=20', cwd=workdir))
+    assert sampled.count('---------------') == 1
+
+
+def test_resuming_an_fsdp_checkpoint_without_fsdp_says_how(workdir):
+    out_dir = workdir / 'fsdp-mismatch'
+    train('--fsdp=True', '--max_iters=10', f'--out_dir={out_dir}', cwd=workdir, launcher=TORCHRUN)
+    proc = run_script('train.py', *TINY_TRAIN, *MUP, '--max_iters=12', f'--out_dir={out_dir}', '--init_from=resume',
+                      cwd=workdir)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: fsdp=False: ")
+    assert '--fsdp=True' in proc.stderr
+
+
+def test_fsdp_without_torchrun_says_how_to_launch(workdir):
+    proc = run_script('train.py', *TINY_TRAIN, '--fsdp=True', cwd=workdir)
+    assert proc.returncode == 1 and 'torchrun' in proc.stderr.splitlines()[0]
