@@ -183,7 +183,8 @@ def load_checkpoint(ckpt_dir, device):
     path = os.path.join(ckpt_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"ckpt={ckpt_dir!r}: {path} not found; point --ckpt at a train.py out_dir")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    # not weights_only: a train.py checkpoint also holds the RNG states (numpy's among them)
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
     model = GPT(GPTConfig(**checkpoint['model_args']))
     model.load_state_dict(checkpoint['model'])
     return model.to(device)

@@ -10,14 +10,18 @@ $ python bench.py --attn_mod=alibi --compile=both   # a score_mod model; eager v
 $ python bench.py --modes=attention --seq_lens=256  # attention only
 $ python bench.py --modes=train --optimizers=adamw,muon  # a training step with AdamW and with Muon
 $ python bench.py --modes=decode                    # generation: KV cache vs recompute, tokens/s
+$ python bench.py --modes=distributed               # train.py under torchrun: DDP vs FSDP, 2 and 4 processes
 $ python bench.py --modes=gpu                       # CUDA only: flex vs flash, GPT-2 124M with compile and bf16
 """
 
 import contextlib
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -29,7 +33,7 @@ from attn_mods import ATTN_MODS, parse_attn_mod
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
 # -----------------------------------------------------------------------------
-modes = ('train', 'attention') # any of 'train', 'attention', 'decode', 'gpu' (CUDA only)
+modes = ('train', 'attention') # any of 'train', 'attention', 'decode', 'distributed', 'gpu' (CUDA only)
 # the model of the training-step benchmark (shakespeare_char's vocabulary; random tokens)
 batch_size = 8
 block_size = 256
@@ -52,6 +56,10 @@ decode_block_sizes = (1024, 128) # 128: the main job's; 1000 tokens pass it, so 
 decode_mods = ('causal', 'alibi') # alibi: a score_mod, on the dense backend off CUDA
 decode_prompt = 16
 decode_tokens = 1000
+# the distributed benchmark (modes=distributed): train.py on config/shakespeare_mup.py's model
+# under torchrun, DDP and FSDP, one micro-batch per process (data/shakespeare_char prepared)
+distributed_procs = (2, 4)
+distributed_iters = 20
 # the GPU benchmarks (modes=gpu)
 gpu_batch_size = 12 # GPT-2 124M as nanoGPT trains it: 12 x 1024 tokens per micro-batch
 # timing
@@ -320,6 +328,41 @@ def print_decode(rows, header=True):
               f"{r['recompute_tokens_per_s']:17.1f}{r['speedup']:8.1f}x", flush=True)
 
 
+# ---- DDP and FSDP
+
+def distributed_rows(procs, iters, device):
+    """Median ms/iter (iterations 5 on) and the training state per process (parameters and
+    optimizer state, as train.py prints it) of train.py under torchrun with DDP and with FSDP,
+    for each number of processes, one after the other (the runs cannot be interleaved)."""
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    rows = []
+    for n in procs:
+        for parallel in ('ddp', 'fsdp'):
+            with tempfile.TemporaryDirectory() as out_dir:
+                command = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                           f'--nproc_per_node={n}', train_py, 'config/shakespeare_mup.py',
+                           f'--max_iters={iters}', '--eval_interval=100000', '--eval_iters=1',
+                           '--log_interval=1', f'--gradient_accumulation_steps={n}',
+                           f'--fsdp={parallel == "fsdp"}', f'--device={device.type}',
+                           f'--out_dir={out_dir}']
+                proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+            times = [float(ms) for it, ms in re.findall(r'^iter (\d+): loss \S+, time ([\d.]+)ms',
+                                                        proc.stdout, flags=re.M) if int(it) >= 5]
+            memory = re.search(r'parameters ([\d.]+) MB, optimizer state ([\d.]+) MB', proc.stdout)
+            rows.append(dict(processes=n, parallel=parallel, ms_per_iter=statistics.median(times),
+                             parameters_mb=float(memory[1]), optimizer_state_mb=float(memory[2])))
+    return rows
+
+
+def print_distributed(rows):
+    print(f"\n{'processes':>9}  {'parallel':<9}{'ms/iter':>9}{'params MB':>11}{'optim MB':>10}  (per process)")
+    for r in rows:
+        print(f"{r['processes']:>9}  {r['parallel']:<9}{r['ms_per_iter']:9.1f}{r['parameters_mb']:11.2f}"
+              f"{r['optimizer_state_mb']:10.2f}")
+
+
 # ---- GPU only
 
 def gpu_benchmarks(device, ptdtype):
@@ -360,10 +403,10 @@ def gpu_benchmarks(device, ptdtype):
 
 def check_settings():
     """A setting bench.py does not know: a ConfigError, which configure() reports in one line."""
-    unknown = [m for m in modes if m not in ('train', 'attention', 'decode', 'gpu')]
+    unknown = [m for m in modes if m not in ('train', 'attention', 'decode', 'distributed', 'gpu')]
     if unknown or not modes:
-        raise ConfigError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'decode', 'gpu', "
-                          f"e.g. --modes=train,attention")
+        raise ConfigError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'decode', 'distributed', "
+                          f"'gpu', e.g. --modes=train,attention")
     for spec in decode_mods:
         try:
             parse_attn_mod(spec)
@@ -438,6 +481,12 @@ if __name__ == '__main__':
               f"4 x 192 (4 heads)")
         report['decode'] = decode_rows(decode_block_sizes, decode_mods, decode_prompt, decode_tokens, device,
                                        ptdtype)
+
+    if 'distributed' in modes:
+        print(f"\ntrain.py config/shakespeare_mup.py under torchrun, one micro-batch per process, "
+              f"{distributed_iters} iterations, on {device.type}")
+        report['distributed'] = distributed_rows(distributed_procs, distributed_iters, device)
+        print_distributed(report['distributed'])
 
     if 'gpu' in modes:
         report['gpu'] = gpu_benchmarks(device, ptdtype)

@@ -63,6 +63,7 @@ MUON_ON_SHARDS = textwrap.dedent('''
     full = layer.weight.full_tensor()
     if dist.get_rank() == 0:
         torch.save(dict(start=start, after=full, x=x), {out!r})
+    dist.barrier() # no process tears down while another still talks to it
     dist.destroy_process_group()
 ''')
 
@@ -97,7 +98,8 @@ def test_muon_orthogonalizes_whole_matrices_under_fsdp(tmp_path, optimizer, equa
 
 def test_an_fsdp_run_resumes_exactly_and_samples_on_one_process(workdir):
     """Stopped at iter 10 (its checkpoint) and resumed under FSDP, with Muon and dropout: the same
-    losses as the run that went on; sample.py reads the FSDP checkpoint on one process."""
+    losses as the run that went on; sample.py and analyze_jacobian.py read the FSDP checkpoint on
+    one process."""
     args = ['--optimizer=muon', '--muon_lr_mult=4', '--dropout=0.1', '--fsdp=True']
     full_dir, cut_dir = workdir / 'fsdp-full', workdir / 'fsdp-cut'
     full = iter_losses(train(*args, '--max_iters=19', f'--out_dir={full_dir}', cwd=workdir, launcher=TORCHRUN))
@@ -109,6 +111,10 @@ def test_an_fsdp_run_resumes_exactly_and_samples_on_one_process(workdir):
     sampled = ok(run_script('sample.py', f'--out_dir={cut_dir}', '--device=cpu', '--num_samples=1',
                             '--max_new_tokens=20', cwd=workdir))
     assert sampled.count('---------------') == 1
+    from analyze_jacobian import load_checkpoint # its --ckpt path (the analysis wants shakespeare_char)
+    model = load_checkpoint(str(cut_dir), 'cpu')
+    saved = torch.load(cut_dir / 'ckpt.pt', weights_only=False)['model']
+    assert all(torch.equal(p, saved[name]) for name, p in model.state_dict().items())
 
 
 def test_resuming_an_fsdp_checkpoint_without_fsdp_says_how(workdir):
