@@ -28,7 +28,7 @@ from dataclasses import replace
 import torch
 from torch.nn import functional as F
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, resolve_device
 from attn_mods import ATTN_MODS, parse_attn_mod
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
@@ -431,9 +431,7 @@ def check_settings():
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])
     check_settings()
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    device = torch.device(device)
+    device = torch.device(resolve_device(device))
     if attn_backend != 'all' and 'train' in modes and not trains_here(attn_mod, attn_backend, device):
         applies = [b for b in BACKENDS if trains_here(attn_mod, b, device)]
         raise ConfigError(f"attn_backend={attn_backend} cannot train attn_mod={attn_mod} on {device.type}: use "

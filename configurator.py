@@ -165,3 +165,33 @@ def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
         if verbose:
             print(f"Overriding: {key} = {config[key]!r}")
     return {k: config[k] for k in keys}
+
+
+def resolve_device(device):
+    """The device a script's `device` setting names, checked before any work: 'auto' is the best
+    this machine has (cuda > mps > cpu); another name must exist here, or a ConfigError says what
+    to pass instead."""
+    import torch
+    if device == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if torch.backends.mps.is_available():
+            return 'mps'
+        return 'cpu'
+    try:
+        asked = torch.device(device)
+    except RuntimeError:
+        asked = None # not a device name at all
+    if asked is None or asked.type not in ('cpu', 'cuda', 'mps'):
+        raise ConfigError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+    if asked.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}, but this machine has no CUDA device: "
+                          f"use --device=cpu (or auto)")
+    n_gpus = torch.cuda.device_count()
+    if asked.type == 'cuda' and asked.index is not None and asked.index >= n_gpus:
+        raise ConfigError(f"device={device!r}, but this machine has {n_gpus} CUDA device(s): "
+                          f"use cuda:0 to cuda:{n_gpus - 1}")
+    if asked.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}, but MPS is not available here: "
+                          f"use --device=cpu (or auto)")
+    return device

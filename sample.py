@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, resolve_device
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -39,19 +39,7 @@ require('temperature', 0 <= temperature < float('inf'), 'a finite number >= 0 (0
 require('top_k', top_k >= 0, 'an integer >= 0 (0 = off)')
 require('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'),
         "'auto', 'float32', 'bfloat16' or 'float16'")
-if device != 'auto':
-    try:
-        asked = torch.device(device)
-    except RuntimeError:
-        asked = None # not a device name at all
-    if asked is None or asked.type not in ('cpu', 'cuda', 'mps'):
-        raise ConfigError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
-    if asked.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}, but this machine has no CUDA device: "
-                          f"use --device=cpu (or auto)")
-    if asked.type == 'mps' and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={device!r}, but MPS is not available here: "
-                          f"use --device=cpu (or auto)")
+device = resolve_device(device) # 'auto' becomes cuda, mps or cpu
 
 # the prompt: the text of --start, or of the file it names
 if start.startswith('FILE:'):
@@ -73,13 +61,6 @@ else:
     prompt_source = f"start={start!r}"
 
 torch.manual_seed(seed)
-if device == 'auto':
-    if torch.cuda.is_available():
-        device = 'cuda'
-    elif torch.backends.mps.is_available():
-        device = 'mps'
-    else:
-        device = 'cpu'
 device_type = torch.device(device).type # 'cuda', 'mps' or 'cpu', as autocast wants it
 if dtype == 'auto':
     if device_type == 'cuda' and torch.cuda.is_bf16_supported():

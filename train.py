@@ -43,7 +43,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, configure, resolve_device
 from model import GPT, GPTConfig, device_peak_flops, set_lr
 
 # -----------------------------------------------------------------------------
@@ -145,23 +145,7 @@ require('muon_lr_mult', 0 < muon_lr_mult < math.inf, 'a finite number > 0')
 require('muon_momentum', 0 <= muon_momentum < 1, 'in [0, 1)')
 require('init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'")
 
-if device != 'auto':
-    try:
-        asked = torch.device(device)
-    except RuntimeError:
-        asked = None # not a device name at all
-    if asked is None or asked.type not in ('cpu', 'cuda', 'mps'):
-        raise ConfigError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
-    if asked.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}, but this machine has no CUDA device: "
-                          f"use --device=cpu (or auto)")
-    n_gpus = torch.cuda.device_count()
-    if asked.type == 'cuda' and asked.index is not None and asked.index >= n_gpus:
-        raise ConfigError(f"device={device!r}, but this machine has {n_gpus} CUDA device(s): "
-                          f"use cuda:0 to cuda:{n_gpus - 1}")
-    if asked.type == 'mps' and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={device!r}, but MPS is not available here: "
-                          f"use --device=cpu (or auto)")
+device = resolve_device(device) # 'auto' becomes cuda, mps or cpu
 
 if fsdp and not ddp:
     raise ConfigError("fsdp=True shards the model over torchrun's processes: launch with "
@@ -243,13 +227,6 @@ if master_process:
 
 # -----------------------------------------------------------------------------
 # device, DDP and precision
-if device == 'auto':
-    if torch.cuda.is_available():
-        device = 'cuda'
-    elif torch.backends.mps.is_available():
-        device = 'mps'
-    else:
-        device = 'cpu'
 device_type = torch.device(device).type # 'cuda', 'mps' or 'cpu', as autocast wants it
 if ddp:
     if device_type == 'cuda':
