@@ -1,7 +1,5 @@
 """Shared test helpers: one intra-op thread, tiny models and batches, the project's scripts run as
 a user runs them, and a tiny prepared dataset (no download, nothing read from data/)."""
-import contextlib
-import io
 import math
 import os
 import subprocess
@@ -31,12 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def quiet(fn, *args, **kwargs):
-    """fn(*args, **kwargs) without its prints (GPT's parameter count, the optimizer's groups)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args, **kwargs)
 
 
 def tiny_config(**kw):

@@ -2,7 +2,9 @@
 process trains with the same global batch, with AdamW and with Muon, muP on; the muP groups are
 those of one process; Muon orthogonalizes whole matrices (torch's Muon, on shards, does not);
 checkpoints resume exactly and are read by sample.py on one process."""
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -96,16 +98,37 @@ def test_muon_orthogonalizes_whole_matrices_under_fsdp(tmp_path, optimizer, equa
         assert difference > 0.1 * update, (difference, update)
 
 
-def test_an_fsdp_run_resumes_exactly_and_samples_on_one_process(workdir):
-    """Stopped at iter 10 (its checkpoint) and resumed under FSDP, with Muon and dropout: the same
-    losses as the run that went on; sample.py and analyze_jacobian.py read the FSDP checkpoint on
-    one process."""
+def kill_every_process_of(command_line_part):
+    """SIGKILL, at once, every process whose command line holds `command_line_part`."""
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                command_line = f.read()
+        except OSError: # gone meanwhile
+            continue
+        if command_line_part.encode() in command_line:
+            os.kill(int(pid), signal.SIGKILL)
+
+
+def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
+    """Under FSDP, with Muon and dropout: killed with SIGKILL (torchrun and both workers) after
+    its checkpoint at iter 10, then resumed: the same losses, to the printed bit, as the run that
+    went on. sample.py and analyze_jacobian.py read the FSDP checkpoint on one process."""
     args = ['--optimizer=muon', '--muon_lr_mult=4', '--dropout=0.1', '--fsdp=True']
-    full_dir, cut_dir = workdir / 'fsdp-full', workdir / 'fsdp-cut'
+    full_dir, cut_dir = workdir / 'fsdp-full', workdir / 'fsdp-killed'
     full = iter_losses(train(*args, '--max_iters=19', f'--out_dir={full_dir}', cwd=workdir, launcher=TORCHRUN))
-    train(*args, '--max_iters=10', f'--out_dir={cut_dir}', cwd=workdir, launcher=TORCHRUN)
-    resumed = iter_losses(train(*args, '--max_iters=19', f'--out_dir={cut_dir}', '--init_from=resume',
-                                cwd=workdir, launcher=TORCHRUN))
+    command = [*TORCHRUN, f'{ROOT}/train.py', *TINY_TRAIN, *MUP, *args, '--max_iters=1000', f'--out_dir={cut_dir}']
+    proc = subprocess.Popen(command,
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=SCRIPT_ENV)
+    for line in proc.stdout: # up to the first iteration after the checkpoint of iter 10
+        if line.startswith('iter 12:'):
+            break
+    kill_every_process_of(str(cut_dir)) # torchrun's workers run in process groups of their own
+    proc.wait()
+    assert torch.load(cut_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 10
+    resumed = iter_losses(train(*args, '--max_iters=19', f'--out_dir={cut_dir}', '--init_from=resume', cwd=workdir,
+                                launcher=TORCHRUN))
     assert sorted(resumed) == list(range(10, 20))
     assert all(resumed[i] == full[i] for i in resumed), (resumed, full)
     sampled = ok(run_script('sample.py', f'--out_dir={cut_dir}', '--device=cpu', '--num_samples=1',
