@@ -1,7 +1,9 @@
 """
 Benchmarks, nanoGPT-bench style: median time of a training step (forward, backward, AdamW)
 after warm-up, tokens/s and MFU, for every attention backend that applies and for SP vs muP;
-and an attention-only benchmark of every mod of the catalog across sequence lengths.
+an attention-only benchmark of every mod of the catalog across sequence lengths; and, with
+--modes, generation with and without the KV cache, train.py under torchrun with DDP and FSDP,
+and CUDA-only runs.
 Rows are timed in interleaved rounds, so a change in machine load hits all of them alike and
 the ratios stay fair. Prints tables and writes everything to `out_file` (JSON).
 
@@ -11,7 +13,7 @@ $ python bench.py --modes=attention --seq_lens=256  # attention only
 $ python bench.py --modes=train --optimizers=adamw,muon  # a training step with AdamW and with Muon
 $ python bench.py --modes=decode                    # generation: KV cache vs recompute, tokens/s
 $ python bench.py --modes=distributed               # train.py under torchrun: DDP vs FSDP, 2 and 4 processes
-$ python bench.py --modes=gpu                       # CUDA only: flex vs flash, GPT-2 124M with compile and bf16
+$ python bench.py --modes=gpu                       # CUDA only: flex vs flash, GPT-2 124M training (compile, bf16) and generation
 """
 
 import contextlib
@@ -261,7 +263,7 @@ def attention_rows(specs, seq_lens, B, n_head, head_dim, device, ptdtype, backen
                 cfg = GPTConfig(block_size=T, n_head=n_head, n_embd=n_head * head_dim, attn_mod=spec,
                                 attn_backend=backend)
                 attn = MuPFlexAttention(cfg).to(device, ptdtype)
-                mask = attn.make_mask(B, T, device) # built once per forward in GPT: not timed here
+                mask = attn.make_mask(B, T, device) # GPT.mask_for builds it once per length: not timed here
                 for compiled in compiles:
                     name = backend + ('+compile' if compiled else '')
                     attend = torch.compile(attn.attend) if compiled else attn.attend

@@ -11,6 +11,8 @@ version, every key and value is checked against the defaults, so a typo fails
 loudly instead of silently training with the default. A bad setting or input
 raises ConfigError, which a script that called configure() reports in one line,
 without a traceback, and exits non-zero (real bugs keep their traceback).
+`resolve_device(device)` turns a script's `device` setting ('auto' included) into a device
+this machine has, or a ConfigError that says what to pass instead.
 """
 
 import ast

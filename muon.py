@@ -96,7 +96,8 @@ class Muon(torch.optim.Optimizer):
     each parameter. With ns_dtype=torch.bfloat16 the step equals torch.optim.Muon's with
     adjust_lr_fn='original' (tested)."""
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_dtype=None):
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_dtype=None):
         if not 0.0 <= lr:
             raise ValueError(f"Muon: lr={lr} must be >= 0")
         if not 0.0 <= momentum < 1.0:

@@ -1,5 +1,5 @@
 """
-Train a GPT, SP or muP, on one CPU/GPU or on several with DDP.
+Train a GPT, SP or muP, on one CPU/GPU or on several with DDP or FSDP2 (--fsdp=True).
 
 On one device:
 $ python train.py config/shakespeare_mup.py
@@ -15,6 +15,10 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --
 then on the other node:
 $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=29500 \
     train.py config/shakespeare_mup.py --gradient_accumulation_steps=16
+
+With FSDP2, parameters, gradients and optimizer state sharded over the processes (same flags):
+$ torchrun --standalone --nproc_per_node=8 \
+    train.py config/train_gpt2_mup.py --gradient_accumulation_steps=40 --fsdp=True
 
 gradient_accumulation_steps counts the micro-batches of the global batch, so it must be a
 multiple of the number of processes. Ctrl-C or SIGTERM finishes the step, saves out_dir/ckpt.pt
@@ -64,7 +68,7 @@ wandb_project = 'mupgpt'
 wandb_run_name = 'run'
 # data
 dataset = 'shakespeare_char'
-gradient_accumulation_steps = 1 # micro-batches of the global batch, split over DDP processes
+gradient_accumulation_steps = 1 # micro-batches of the global batch, split over the processes
 batch_size = 12 # micro-batch size
 # model: every GPTConfig field but vocab_size is a key; these replace its defaults, the muP and
 # attention keys keep theirs (model.py)
@@ -657,8 +661,8 @@ while True:
             model.require_backward_grad_sync = last_micro_step
         with ctx:
             logits, loss = model(X, Y)
-            # mean over this process's micro-batches; DDP then averages over processes, which
-            # makes the gradient the mean over the global batch
+            # mean over this process's micro-batches; DDP (or FSDP's reduce-scatter) then averages
+            # over processes, which makes the gradient the mean over the global batch
             loss = loss / local_accum_steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()

@@ -67,12 +67,12 @@ def test_the_docstring_torchrun_commands_pass_the_accumulation_they_need():
         docstring = ast.get_docstring(ast.parse(f.read()))
     commands = [line for line in docstring.replace('\\\n', ' ').splitlines()
                 if line.startswith('$ torchrun')]
-    assert len(commands) == 3
+    assert len(commands) == 4 # one node, two nodes (each), FSDP
     for command in commands:
         flags = dict(re.findall(r'--(\w+)=(\S+)', command))
         processes = int(flags['nproc_per_node']) * int(flags.get('nnodes', 1))
         assert int(flags['gradient_accumulation_steps']) % processes == 0, command
-    assert [dict(re.findall(r'--(\w+)=(\S+)', c)).get('node_rank') for c in commands] == [None, '0', '1']
+    assert [dict(re.findall(r'--(\w+)=(\S+)', c)).get('node_rank') for c in commands] == [None, '0', '1', None]
 
 
 def test_a_config_file_with_a_syntax_error_names_the_file_and_line(workdir, tmp_path):

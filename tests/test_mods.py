@@ -1,9 +1,9 @@
-"""The attention mods catalog (model.py) and the subclassing contract of MuPFlexAttention: every
+"""The attention mods catalog (attn_mods.py) and the subclassing contract of MuPFlexAttention: every
 mod means the same on the dense and flex backends (flex's eager CPU forward is the reference),
 has correct gradients, changes the output, reaches every layer from the config string, survives
-generation; masks are built once per forward per pattern and follow the data they read; the muP
-logit scale reaches score_mod exactly once; subclass parameters are classified by shape
-(docs/mup.md) and train."""
+generation; masks are built once per pattern, once per length for the catalog's and at every
+forward for those that read data, which they follow; the muP logit scale reaches score_mod
+exactly once; subclass parameters are classified by shape (docs/mup.md) and train."""
 import copy
 import math
 
@@ -369,7 +369,8 @@ def test_score_mod_sees_the_mup_scaled_score_once(backend):
         torch.testing.assert_close(attend(attn, q, k, v), expected, rtol=0, atol=1e-5)
 
 
-# ---- generation: generate recomputes the context, so every mask sees the true positions
+# ---- generation: every step's logits (KV cache by default) are a full forward's, so every mask
+# sees the true positions
 
 @pytest.mark.parametrize('name', [n for n in MODS if not n.startswith('row_sum')])
 def test_generate_gives_the_next_token_logits_of_a_full_forward(name):
