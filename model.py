@@ -289,9 +289,12 @@ class MuPFlexAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk),
                                                   scale=self.scale, dropout_p=dropout_p)
         if isinstance(mask, BlockMask):
-            if q.device.type == 'cuda':
+            if q.device.type == 'cuda' and Tq == Tk:
                 flex = compiled_flex_attention()
             else:
+                # eager off CUDA, and for queries after cached keys: their key length changes at
+                # every decoding step, which would recompile the fused kernel each time, and one
+                # row of scores per query is small enough to materialize
                 flex = flex_attention
             return flex(q, k, v, score_mod=self.active_score_mod(Tk - Tq), block_mask=mask,
                         scale=self.scale)
