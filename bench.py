@@ -16,7 +16,6 @@ $ python bench.py --modes=distributed               # train.py under torchrun: D
 $ python bench.py --modes=gpu                       # CUDA only: flex vs flash, GPT-2 124M training (compile, bf16) and generation
 """
 
-import contextlib
 import json
 import os
 import re
@@ -132,6 +131,11 @@ def time_interleaved(fns, device, warmup, iters):
     return times
 
 
+def amp_context(device, ptdtype):
+    """Autocast to ptdtype, as train.py trains in it; nothing in float32."""
+    return torch.amp.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+
+
 def paired_ratio(times, reference):
     """Median over rounds of time / reference time in the same round: a load change between
     rounds cancels, unlike in a ratio of medians."""
@@ -153,8 +157,7 @@ def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, p
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=g).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    ctx = (contextlib.nullcontext() if ptdtype == torch.float32
-           else torch.amp.autocast(device_type=device.type, dtype=ptdtype))
+    ctx = amp_context(device, ptdtype)
     steps, models = {}, {}
     for row in rows:
         direct = row['backend'] == 'sdpa-direct'
@@ -296,6 +299,7 @@ def decode_rows(block_sizes, mods, prompt_len, new_tokens, device, ptdtype, n_la
     the KV cache and recomputing the (cropped) context every step, side by side for every block size,
     mod and backend. Both give the same tokens within block_size (tests/test_kv_cache.py)."""
     rows = []
+    ctx = amp_context(device, ptdtype)
     for block in block_sizes:
         for spec in mods:
             for backend in backends:
@@ -306,8 +310,6 @@ def decode_rows(block_sizes, mods, prompt_len, new_tokens, device, ptdtype, n_la
                 prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
                 prompt = prompt.to(device)
                 row = dict(block_size=block, mod=spec, backend=model.transformer.h[0].attn.resolve_backend(device))
-                ctx = (contextlib.nullcontext() if ptdtype == torch.float32
-                       else torch.amp.autocast(device_type=device.type, dtype=ptdtype))
                 for path, kv_cache in (('cached', True), ('recompute', False)):
                     with ctx:
                         model.generate(prompt, 8, temperature=0, kv_cache=kv_cache) # warm-up

@@ -394,6 +394,8 @@ optimizer = model.configure_optimizers(
     weight_decay=weight_decay, learning_rate=learning_rate, betas=(beta1, beta2),
     device_type=device_type, eps=adam_eps, optimizer=config['optimizer'],
     muon_lr_mult=muon_lr_mult, muon_momentum=muon_momentum)
+# the optimizers inside it: Muon and AdamW stepped as one, or AdamW alone
+optimizer_parts = getattr(optimizer, 'optimizers', [optimizer])
 if checkpoint is not None:
     # load_state_dict also restores the saved hyperparameters (weight_decay, betas): keep this
     # run's, take only the state (moments, step counts)
@@ -401,8 +403,7 @@ if checkpoint is not None:
     for group in optimizer.param_groups:
         settings.append({key: value for key, value in group.items() if key != 'params'})
     if fsdp: # saved whole (full_state_dict): each process takes its shards of it
-        optimizers = getattr(optimizer, 'optimizers', [optimizer])
-        set_optimizer_state_dict(model, optimizers, checkpoint['optimizer'],
+        set_optimizer_state_dict(model, optimizer_parts, checkpoint['optimizer'],
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(checkpoint['optimizer'])
@@ -529,9 +530,8 @@ def training_state():
     if not fsdp:
         return raw_model.state_dict(), optimizer.state_dict()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optimizers = getattr(optimizer, 'optimizers', [optimizer])
     model_state = get_model_state_dict(raw_model, options=options)
-    optimizer_state = get_optimizer_state_dict(raw_model, optimizers, options=options)
+    optimizer_state = get_optimizer_state_dict(raw_model, optimizer_parts, options=options)
     return model_state, optimizer_state
 
 def save_checkpoint(rng):
@@ -717,8 +717,8 @@ while True:
 
     if local_iter_num == 0 and master_process: # the optimizer's state exists after its first step
         state = []
-        for opt in getattr(optimizer, 'optimizers', [optimizer]):
-            for param_state in opt.state.values():
+        for part in optimizer_parts:
+            for param_state in part.state.values():
                 state += [v for v in param_state.values() if isinstance(v, torch.Tensor)]
         print(f"training state on this process: parameters "
               f"{local_megabytes(model.parameters()):.2f} MB, optimizer state "
