@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 from configurator import configure
 from attn_mods import attention_probs
 from model import GPT, GPTConfig, MuPFlexAttention, set_lr
@@ -183,10 +184,9 @@ def load_checkpoint(ckpt_dir, device):
     path = os.path.join(ckpt_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"ckpt={ckpt_dir!r}: {path} not found; point --ckpt at a train.py out_dir")
-    # not weights_only: a train.py checkpoint also holds the RNG states (numpy's among them)
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    checkpoint = checkpoints.read(ckpt_dir, device, required=('model', 'model_args'))
     model = GPT(GPTConfig(**checkpoint['model_args']))
-    model.load_state_dict(checkpoint['model'])
+    checkpoints.load_model(checkpoint, ckpt_dir, model)
     return model.to(device)
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ $ python bench.py --modes=distributed               # train.py under torchrun: D
 $ python bench.py --modes=gpu                       # CUDA only: flex vs flash, GPT-2 124M training (compile, bf16) and generation
 """
 
+import functools
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from configurator import ConfigError, configure, resolve_device
 from attn_mods import ATTN_MODS, parse_attn_mod
@@ -370,9 +372,10 @@ def print_distributed(rows):
 # ---- GPU only
 
 def gpu_benchmarks(device, ptdtype):
-    """Flex vs flash (causal, T=1024, bf16, fwd+bwd); GPT-2 124M tokens/s and MFU with compile and
-    bf16, SP and muP, auto (flash) and flex. (That flex's gradients equal dense's is a test:
-    tests/test_cuda.py.)"""
+    """Flex vs flash (causal, T=1024, bf16, fwd+bwd), flex on its Triton kernel (what the model
+    runs) and on the FLASH backend where this torch has it; GPT-2 124M tokens/s and MFU with
+    compile and bf16, SP and muP, auto (flash) and flex, causal and sliding_window:256. (That
+    flex's gradients equal dense's is a test: tests/test_cuda.py.)"""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     results = {}
     B, H, T, D = gpu_batch_size, 12, 1024, 64
@@ -386,19 +389,36 @@ def gpu_benchmarks(device, ptdtype):
     block_mask = flex.make_mask(B, T, device)
     fns = {'flash': fwd_bwd(flash, q, k, v, grad_out),
            'flex': fwd_bwd(lambda q, k, v: flex.attend(q, k, v, block_mask), q, k, v, grad_out)}
+    # the FLASH backend needs flash-attn's CuTe kernels installed: try it, and say why not
+    flex_flash_backend = torch.compile(functools.partial(
+        flex_attention, block_mask=block_mask, scale=flex.scale, kernel_options={'BACKEND': 'FLASH'}))
+    try:
+        out = flex_flash_backend(q, k, v)
+        out.backward(grad_out) # the backward too: it may be the part this torch lacks
+        difference = (out - flex.attend(q, k, v, block_mask)).abs().max().item()
+        fns['flex FLASH backend'] = fwd_bwd(flex_flash_backend, q, k, v, grad_out)
+        flash_backend = f"max |output difference| from flex's Triton kernel {difference:.3g}"
+    except Exception as e: # whatever torch raises when the backend cannot be used here
+        flash_backend = f"not available: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
     times = time_interleaved(fns, device, warmup, iters)
-    results['flex_vs_flash'] = dict(B=B, H=H, T=T, head_dim=D, dtype='bfloat16',
-                                    flash_ms=statistics.median(times['flash']), flex_ms=statistics.median(times['flex']),
-                                    flex_over_flash=paired_ratio(times['flex'], times['flash']))
-    print(f"\ncausal attention fwd+bwd, B={B} H={H} T={T} bf16: flash {results['flex_vs_flash']['flash_ms']:.3f} ms, "
-          f"flex {results['flex_vs_flash']['flex_ms']:.3f} ms ({results['flex_vs_flash']['flex_over_flash']:.2f}x)")
+    results['flex_vs_flash'] = dict(B=B, H=H, T=T, head_dim=D, dtype='bfloat16', flex_flash_backend=flash_backend,
+                                    **{f'{name}_ms': statistics.median(t) for name, t in times.items()},
+                                    **{f'{name}_over_flash': paired_ratio(t, times['flash'])
+                                       for name, t in times.items() if name != 'flash'})
+    print(f"\ncausal attention fwd+bwd, B={B} H={H} T={T} bf16 (x flash, paired):")
+    for name, t in times.items():
+        ratio = '' if name == 'flash' else f" ({paired_ratio(t, times['flash']):.2f}x)"
+        print(f"  {name:<20}{statistics.median(t):8.3f} ms{ratio}")
+    print(f"  flex FLASH backend: {flash_backend}")
 
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=False)
     # auto is flash attention here; muP relative to a 4x narrower base (192 = 12 heads of 16)
-    rows, peak = train_rows(gpt2, ['auto', 'flex'], ['sp', 'mup'], [True], gpu_batch_size, device, ptdtype, 192)
-    results['gpt2_124m'] = dict(rows=rows, peak_flops=peak, ratios=train_ratios(rows))
-    print(f"\nGPT-2 124M, batch {gpu_batch_size} x 1024, compiled, {ptdtype}:")
-    print_train(rows, results['gpt2_124m']['ratios'])
+    for mod, backends in [('causal', ['auto', 'flex']), ('sliding_window:256', ['flex'])]:
+        rows, peak = train_rows(replace(gpt2, attn_mod=mod), backends, ['sp', 'mup'], [True], gpu_batch_size,
+                                device, ptdtype, 192)
+        results[f'gpt2_124m {mod}'] = dict(rows=rows, peak_flops=peak, ratios=train_ratios(rows))
+        print(f"\nGPT-2 124M, {mod}, batch {gpu_batch_size} x 1024, compiled, {ptdtype}:")
+        print_train(rows, results[f'gpt2_124m {mod}']['ratios'])
     print(f"\nGPT-2 124M generation, 200 tokens after 16, batch 1, eager, {ptdtype}:")
     results['gpt2_124m_decode'] = decode_rows([1024], ['causal', 'sliding_window:256'], 16, 200, device, ptdtype,
                                               n_layer=12, n_head=12, n_embd=768, backends=('sdpa', 'flex'))

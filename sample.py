@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+import checkpoints
 from configurator import ConfigError, configure, resolve_device
 from model import GPT, GPTConfig
 
@@ -75,27 +76,13 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
     raise ConfigError(f"out_dir={out_dir!r}: no checkpoint at {ckpt_path}: train first "
                       f"(python train.py ...) or pass --out_dir=<the train.py out_dir>")
-try:
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
-except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-    first_line = str(e).splitlines()[0]
-    raise ConfigError(f"{ckpt_path} is truncated or corrupt, it cannot be loaded "
-                      f"({type(e).__name__}: {first_line}): sample from an intact copy, e.g. a "
-                      f"numbered ckpt_<iter>.pt kept by train.py's keep_last_n") from None
-required = ['model', 'model_args', 'config']
-if isinstance(checkpoint, dict):
-    missing = [key for key in required if key not in checkpoint]
-else:
-    missing = required
-if missing:
-    raise ConfigError(f"{ckpt_path} is not a checkpoint of train.py (missing "
-                      f"{', '.join(missing)}): pass --out_dir=<the train.py out_dir>")
+checkpoint = checkpoints.read(out_dir, device)
 try:
     gptconf = GPTConfig(**{**checkpoint['model_args'], 'attn_backend': attn_backend})
 except ValueError as e:
     raise ConfigError(str(e)) from None
 model = GPT(gptconf)
-model.load_state_dict(checkpoint['model'])
+checkpoints.load_model(checkpoint, out_dir, model)
 model.eval()
 model.to(device)
 

@@ -1,7 +1,8 @@
 """FSDP2 (train.py --fsdp=True under torchrun): on 2 gloo processes it trains the model one
 process trains with the same global batch, with AdamW and with Muon, muP on; the muP groups are
 those of one process; Muon orthogonalizes whole matrices (torch's Muon, on shards, does not);
-checkpoints resume exactly and are read by sample.py on one process."""
+each process writes its shards of a checkpoint, which resumes exactly, resumes at another number
+of processes, and is read by sample.py on one process."""
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import torch
 from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+TORCHRUN_ONE = (*TORCHRUN[:-1], '--nproc_per_node=1')
 MUP = ['--n_embd=32', '--mup_base_width=16', '--gradient_accumulation_steps=2', '--eval_interval=10']
 
 
@@ -34,7 +36,9 @@ def group_lines(stdout):
 def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
     """The same global batch (2 micro-batches): accumulated in one process, or one per FSDP
     process. Losses at each of 20 iterations within 1e-4 (measured: 0, as printed); the param groups
-    printed (names, sizes, lr_scale, weight decay, eps) are the same."""
+    printed (names, sizes, lr_scale, weight decay, eps) are the same. The 2 processes' sharded
+    checkpoint of iter 10 resumes on 1 FSDP process (resharded on load) to the same losses; its
+    next save removes the directory of the old one and a half-written one."""
     args = ['--max_iters=19', f'--optimizer={optimizer}', '--muon_lr_mult=4']
     one = train(*args, f'--out_dir={workdir / ("fsdp-one-" + optimizer)}', cwd=workdir)
     two = train(*args, '--fsdp=True', f'--out_dir={workdir / ("fsdp-two-" + optimizer)}', cwd=workdir,
@@ -45,6 +49,18 @@ def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
     print(f"{optimizer}: max |loss difference| {worst:.3g}")
     assert worst < 1e-4, (worst, one_losses, two_losses)
     assert group_lines(two) == group_lines(one) and len(group_lines(one)) >= 3
+
+    two_dir = workdir / ("fsdp-two-" + optimizer)
+    assert sorted(os.listdir(two_dir)) == ['ckpt.pt', 'ckpt_000010.dcp']
+    (two_dir / 'ckpt_000015.dcp').mkdir() # as a save killed before its metadata leaves it
+    (two_dir / 'ckpt_000015.dcp' / '__0_0.distcp').write_bytes(b'partial')
+    resumed = iter_losses(train(*args[1:], '--max_iters=20', '--fsdp=True', '--init_from=resume',
+                                f'--out_dir={two_dir}', cwd=workdir, launcher=TORCHRUN_ONE))
+    assert sorted(resumed) == list(range(10, 21))
+    worst = max(abs(resumed[i] - two_losses[i]) for i in range(10, 20))
+    print(f"{optimizer}: resumed on 1 process, max |loss difference| {worst:.3g}")
+    assert worst < 1e-4, (worst, resumed, two_losses)
+    assert sorted(os.listdir(two_dir)) == ['ckpt.pt', 'ckpt_000020.dcp']
 
 
 MUON_ON_SHARDS = textwrap.dedent('''
@@ -118,7 +134,8 @@ def kill_every_process_of(command_line_part):
 def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     """Under FSDP, with Muon and dropout: killed with SIGKILL (torchrun and both workers) after
     its checkpoint at iter 10, then resumed: the same losses, to the printed bit, as the run that
-    went on. sample.py and analyze_jacobian.py read the FSDP checkpoint on one process."""
+    went on. Each process wrote its own shard file. sample.py and analyze_jacobian.py read the
+    FSDP checkpoint on one process: the weights torch's own converter puts together."""
     args = ['--optimizer=muon', '--muon_lr_mult=4', '--dropout=0.1', '--fsdp=True']
     full_dir, cut_dir = workdir / 'fsdp-full', workdir / 'fsdp-killed'
     full = iter_losses(train(*args, '--max_iters=19', f'--out_dir={full_dir}', cwd=workdir, launcher=TORCHRUN))
@@ -131,7 +148,10 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
             break
     kill_every_process_of(str(cut_dir)) # torchrun's workers run in process groups of their own
     proc.wait()
-    assert torch.load(cut_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 10
+    saved = torch.load(cut_dir / 'ckpt.pt', weights_only=False)
+    assert saved['iter_num'] == 10 and saved['sharded'] == 'ckpt_000010.dcp' and 'model' not in saved
+    shard_files = sorted(p.name for p in (cut_dir / 'ckpt_000010.dcp').glob('*.distcp'))
+    assert shard_files == ['__0_0.distcp', '__1_0.distcp']
     resumed = iter_losses(train(*args, '--max_iters=19', f'--out_dir={cut_dir}', '--init_from=resume', cwd=workdir,
                                 launcher=TORCHRUN))
     assert sorted(resumed) == list(range(10, 20))
@@ -141,8 +161,11 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     assert sampled.count('---------------') == 1
     from analyze_jacobian import load_checkpoint # its --ckpt path (the analysis wants shakespeare_char)
     model = load_checkpoint(str(cut_dir), 'cpu')
-    saved = torch.load(cut_dir / 'ckpt.pt', weights_only=False)['model']
-    assert all(torch.equal(p, saved[name]) for name, p in model.state_dict().items())
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(cut_dir / 'ckpt_000010.dcp', workdir / 'fsdp-killed-whole.pt')
+    whole = torch.load(workdir / 'fsdp-killed-whole.pt', weights_only=False)['model']
+    assert sorted(whole) == sorted(model.state_dict())
+    assert all(torch.equal(p, whole[name]) for name, p in model.state_dict().items())
 
 
 def test_resuming_an_fsdp_checkpoint_without_fsdp_says_how(workdir):
@@ -157,3 +180,37 @@ def test_resuming_an_fsdp_checkpoint_without_fsdp_says_how(workdir):
 def test_fsdp_without_torchrun_says_how_to_launch(workdir):
     proc = run_script('train.py', *TINY_TRAIN, '--fsdp=True', cwd=workdir)
     assert proc.returncode == 1 and 'torchrun' in proc.stderr.splitlines()[0]
+
+
+# process 1's disk is full when the shards of iter 20 are written
+SHARD_WRITE_FAILS = """import os
+if os.environ.get('RANK') == '1':
+    from torch.distributed.checkpoint import FileSystemWriter
+    write_data = FileSystemWriter.write_data
+    def full_disk(self, plan, planner):
+        if 'ckpt_000020.dcp' in str(self.path):
+            raise OSError(28, 'No space left on device')
+        return write_data(self, plan, planner)
+    FileSystemWriter.write_data = full_disk
+"""
+
+
+def test_a_full_disk_at_a_sharded_save_removes_its_directory_and_keeps_the_last_checkpoint(workdir, tmp_path):
+    """The save at iter 10 succeeds; at iter 20 one process cannot write its shard. Both processes
+    stop with the one-line error, the half-written directory is gone, and ckpt.pt still names the
+    intact shards of iter 10, which load."""
+    (tmp_path / 'sitecustomize.py').write_text(SHARD_WRITE_FAILS)
+    out_dir = tmp_path / 'out'
+    proc = run_script('train.py', *TINY_TRAIN, *MUP, '--fsdp=True', '--max_iters=30', f'--out_dir={out_dir}',
+                      cwd=workdir, launcher=TORCHRUN, env={**SCRIPT_ENV, 'PYTHONPATH': str(tmp_path)})
+    assert proc.returncode != 0 and 'iter 20:' not in proc.stdout
+    line = f"saving the shards of iter 20 to {out_dir}/ckpt_000020.dcp failed ([Errno 28] No space left on device)"
+    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    assert f"{out_dir}/ckpt.pt is the last good checkpoint" in proc.stderr
+    assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'ckpt_000010.dcp']
+    import checkpoints
+    from model import GPT, GPTConfig
+    saved = checkpoints.read(str(out_dir), 'cpu')
+    assert saved['iter_num'] == 10
+    model = GPT(GPTConfig(**saved['model_args']))
+    checkpoints.load_model(saved, str(out_dir), model)

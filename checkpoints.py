@@ -1,0 +1,175 @@
+"""train.py's checkpoints, written and read in one place (train.py, sample.py, analyze_jacobian.py).
+
+A checkpoint is out_dir/ckpt.pt. On one process or under DDP it holds everything: the model's and
+the optimizer's state dicts, the settings, the iteration and the RNG states. Under FSDP each
+process holds only its shards of the model and of the optimizer state, and gathering them would
+need the whole of both in one process's memory. So each process writes its own shards, with
+torch.distributed.checkpoint, into a directory ckpt_<iter>.dcp beside ckpt.pt, and ckpt.pt holds
+the rest and names that directory under 'sharded'. torch.distributed.checkpoint reshards on load:
+such a checkpoint resumes at any number of FSDP processes, and sample.py reads it on one.
+
+ckpt.pt is always written last, to a temporary file renamed over the old one: a kill at any moment
+leaves the previous checkpoint whole, with its directory. Directories that no ckpt.pt or numbered
+ckpt_<iter>.pt names any more (the previous save's, or a save killed half-way) are removed after
+the next save.
+"""
+import os
+import pickle
+import re
+import shutil
+import warnings
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from configurator import ConfigError
+
+INTACT_COPY = "use an intact copy, e.g. a numbered ckpt_<iter>.pt kept by train.py's keep_last_n"
+
+
+def read(out_dir, device, required=('model', 'model_args', 'config')):
+    """out_dir/ckpt.pt, loaded onto `device`. A ConfigError that names the file and the fix when it
+    is truncated or corrupt, or lacks any of the keys `required`; 'model' and 'optimizer' are
+    there when the sharded directory the file names is. The caller checks that the file exists:
+    what to do when it does not depends on the caller."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    try:
+        # not weights_only: a checkpoint also holds the RNG states, numpy's among them
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        first_line = str(e).splitlines()[0]
+        raise ConfigError(f"{path} is truncated or corrupt, it cannot be loaded "
+                          f"({type(e).__name__}: {first_line}): {INTACT_COPY}") from None
+    if isinstance(checkpoint, dict):
+        in_shards = {'model', 'optimizer'} if 'sharded' in checkpoint else set()
+        missing = [key for key in required if key not in checkpoint and key not in in_shards]
+    else:
+        missing = list(required)
+    if missing:
+        raise ConfigError(f"{path} is not a checkpoint of train.py (missing {', '.join(missing)})")
+    if 'sharded' in checkpoint:
+        directory = os.path.join(out_dir, checkpoint['sharded'])
+        if not os.path.exists(os.path.join(directory, '.metadata')):
+            raise ConfigError(f"{path} keeps its weights in {directory}, which is missing or "
+                              f"incomplete: {INTACT_COPY}")
+    return checkpoint
+
+
+def load_model(checkpoint, out_dir, model):
+    """Load the checkpoint's weights into `model`, a plain (unsharded) GPT on this process. From a
+    sharded checkpoint each tensor is put together from the shards of every process that wrote
+    it, read by this process alone (no_dist)."""
+    if 'sharded' not in checkpoint:
+        model.load_state_dict(checkpoint['model'])
+        return
+    state = {'model': model.state_dict()}
+    with warnings.catch_warnings(): # it warns that it assumes a single process, which it is
+        warnings.filterwarnings('ignore', message='torch.distributed is disabled')
+        dcp.load(state, checkpoint_id=os.path.join(out_dir, checkpoint['sharded']), no_dist=True)
+    model.load_state_dict(state['model'])
+
+
+def write_shards(out_dir, iter_num, model, optimizers, is_master):
+    """FSDP: every process writes its shards of the model and of the optimizer state into
+    out_dir/ckpt_<iter>.dcp (a collective: call it on every process). Returns the directory's
+    name, for ckpt.pt to record; until write() renames ckpt.pt into place, nothing names it.
+    A failed write removes the directory and raises a ConfigError on every process."""
+    name = f'ckpt_{iter_num:06d}.dcp'
+    directory = os.path.join(out_dir, name)
+    if is_master and os.path.lexists(directory): # left by a save of this iter that was killed
+        shutil.rmtree(directory)
+    torch.distributed.barrier()
+    state = {'model': get_model_state_dict(model),
+             'optimizer': get_optimizer_state_dict(model, optimizers)}
+    try:
+        dcp.save(state, checkpoint_id=directory)
+    except dcp.api.CheckpointException as e: # raised on every process, with each one's failure
+        if is_master:
+            shutil.rmtree(directory, ignore_errors=True)
+        # a write that failed (a full disk) is an OSError; anything else is a bug
+        failures = [failure for failure, _ in e.failures.values() if isinstance(failure, OSError)]
+        if not failures:
+            raise
+        raise ConfigError(f"saving the shards of iter {iter_num} to {directory} failed "
+                          f"({failures[0]}); removed {directory}, {last_good(out_dir)}. Once "
+                          f"{out_dir} can take them (a full disk: free some space), continue "
+                          f"with --init_from=resume") from None
+    return name
+
+
+def load_shards(checkpoint, out_dir, model, optimizers):
+    """FSDP resume: each process reads its shards of the model and of the optimizer state (a
+    collective). The optimizers' hyperparameters come back as saved; the caller restores its own."""
+    state = {'model': get_model_state_dict(model),
+             'optimizer': get_optimizer_state_dict(model, optimizers)}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, checkpoint['sharded']))
+    set_model_state_dict(model, state['model'])
+    set_optimizer_state_dict(model, optimizers, state['optimizer'])
+
+
+def write(checkpoint, out_dir, keep_last_n):
+    """Atomic: write a temporary file beside ckpt.pt, fsync, then rename it over ckpt.pt. With
+    keep_last_n the file is renamed to ckpt_<iter>.pt instead and ckpt.pt becomes a second name
+    (hard link) of it: no second write. Then the numbered files beyond the last keep_last_n, and
+    the sharded directories that no file names, are removed. Returns the paths written. A write
+    that fails (a full disk) removes the temporary file and raises a ConfigError, as every later
+    save would fail the same way."""
+    iter_num = checkpoint['iter_num']
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    tmp_path = ckpt_path + '.tmp'
+    numbered_path = os.path.join(out_dir, f'ckpt_{iter_num:06d}.pt')
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_last_n:
+            os.replace(tmp_path, numbered_path)
+            os.link(numbered_path, tmp_path)
+        os.replace(tmp_path, ckpt_path)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer may answer a failed write with a RuntimeError raised while the
+        # OSError was being handled: that OSError is the cause. Without one it is a bug.
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        # a partial file must not fill the disk any further, nor be taken for a checkpoint
+        if os.path.lexists(tmp_path):
+            os.remove(tmp_path)
+        raise ConfigError(f"saving the checkpoint of iter {iter_num} to {tmp_path} failed "
+                          f"({cause}); removed {tmp_path}, {last_good(out_dir)}. Once "
+                          f"{out_dir} can take it (a full disk: free some space), continue with "
+                          f"--init_from=resume") from None
+    written = [ckpt_path]
+    numbered = iters_saved_as(out_dir, r'ckpt_(\d+)\.pt')
+    if keep_last_n:
+        written.append(numbered_path)
+        for old_iter in sorted(numbered)[:-keep_last_n]:
+            os.remove(os.path.join(out_dir, numbered.pop(old_iter)))
+    for old_iter, name in iters_saved_as(out_dir, r'ckpt_(\d+)\.dcp').items():
+        if old_iter != iter_num and old_iter not in numbered:
+            shutil.rmtree(os.path.join(out_dir, name))
+    return written
+
+
+def last_good(out_dir):
+    """What a failed save leaves to resume from, in words."""
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if os.path.exists(ckpt_path):
+        return f"{ckpt_path} is the last good checkpoint"
+    return "no checkpoint was saved before"
+
+
+def iters_saved_as(out_dir, pattern):
+    """{iter: name} of the entries of out_dir whose whole name matches `pattern` (one group: the
+    iteration)."""
+    found = {}
+    for name in os.listdir(out_dir):
+        match = re.fullmatch(pattern, name)
+        if match:
+            found[int(match[1])] = name
+    return found
