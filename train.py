@@ -402,7 +402,8 @@ if master_process:
 # compile the model
 raw_model = model
 if compile:
-    print("compiling the model... (takes a ~minute)")
+    if master_process:
+        print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
 
 # wrap model into DDP container
