@@ -397,11 +397,12 @@ def gpu_benchmarks(device, ptdtype):
         out.backward(grad_out) # the backward too: it may be the part this torch lacks
         difference = (out - flex.attend(q, k, v, block_mask)).abs().max().item()
         fns['flex FLASH backend'] = fwd_bwd(flex_flash_backend, q, k, v, grad_out)
-        flash_backend = f"max |output difference| from flex's Triton kernel {difference:.3g}"
+        flash_backend_note = f"max |output difference| from flex's Triton kernel {difference:.3g}"
     except Exception as e: # whatever torch raises when the backend cannot be used here
-        flash_backend = f"not available: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        message = (str(e).strip().splitlines() or [''])[0][:200]
+        flash_backend_note = f"not available: {type(e).__name__}: {message}"
     times = time_interleaved(fns, device, warmup, iters)
-    results['flex_vs_flash'] = dict(B=B, H=H, T=T, head_dim=D, dtype='bfloat16', flex_flash_backend=flash_backend,
+    results['flex_vs_flash'] = dict(B=B, H=H, T=T, head_dim=D, dtype='bfloat16', flex_flash_backend=flash_backend_note,
                                     **{f'{name}_ms': statistics.median(t) for name, t in times.items()},
                                     **{f'{name}_over_flash': paired_ratio(t, times['flash'])
                                        for name, t in times.items() if name != 'flash'})
@@ -409,7 +410,7 @@ def gpu_benchmarks(device, ptdtype):
     for name, t in times.items():
         ratio = '' if name == 'flash' else f" ({paired_ratio(t, times['flash']):.2f}x)"
         print(f"  {name:<20}{statistics.median(t):8.3f} ms{ratio}")
-    print(f"  flex FLASH backend: {flash_backend}")
+    print(f"  flex FLASH backend: {flash_backend_note}")
 
     gpt2 = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=False)
     # auto is flash attention here; muP relative to a 4x narrower base (192 = 12 heads of 16)

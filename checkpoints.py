@@ -4,14 +4,16 @@ A checkpoint is out_dir/ckpt.pt. On one process or under DDP it holds everything
 the optimizer's state dicts, the settings, the iteration and the RNG states. Under FSDP each
 process holds only its shards of the model and of the optimizer state, and gathering them would
 need the whole of both in one process's memory. So each process writes its own shards, with
-torch.distributed.checkpoint, into a directory ckpt_<iter>.dcp beside ckpt.pt, and ckpt.pt holds
-the rest and names that directory under 'sharded'. torch.distributed.checkpoint reshards on load:
-such a checkpoint resumes at any number of FSDP processes, and sample.py reads it on one.
+torch.distributed.checkpoint, into a directory ckpt_<iter>_<token>.dcp beside ckpt.pt (a new name
+at every save), and ckpt.pt holds the rest and names that directory under 'sharded'.
+torch.distributed.checkpoint reshards on load: such a checkpoint resumes at any number of FSDP
+processes, and sample.py reads it on one.
 
 ckpt.pt is always written last, to a temporary file renamed over the old one: a kill at any moment
-leaves the previous checkpoint whole, with its directory. Directories that no ckpt.pt or numbered
-ckpt_<iter>.pt names any more (the previous save's, or a save killed half-way) are removed after
-the next save.
+leaves the previous checkpoint whole, with its directory, which no save overwrites. Directories
+that neither ckpt.pt nor a numbered ckpt_<iter>.pt names any more (the previous save's, or a save
+killed half-way) are removed after the next save. A sharded checkpoint is ckpt.pt and the
+directory it names: copy both. Across nodes out_dir must be on a filesystem they all share.
 """
 import os
 import pickle
@@ -26,34 +28,42 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 
 from configurator import ConfigError
 
-INTACT_COPY = "use an intact copy, e.g. a numbered ckpt_<iter>.pt kept by train.py's keep_last_n"
+INTACT_COPY = ("use an intact copy: a numbered ckpt_<iter>.pt kept by train.py's keep_last_n, "
+               "copied over ckpt.pt with `cp --remove-destination` (ckpt.pt is a hard link of the "
+               "newest numbered file, which a plain cp would overwrite too)")
+
+
+def first_line(error):
+    """The first line of an exception's message, for a one-line error ('' if it has none)."""
+    return (str(error).strip().splitlines() or [''])[0]
 
 
 def read(out_dir, device, required=('model', 'model_args', 'config')):
     """out_dir/ckpt.pt, loaded onto `device`. A ConfigError that names the file and the fix when it
-    is truncated or corrupt, or lacks any of the keys `required`; 'model' and 'optimizer' are
-    there when the sharded directory the file names is. The caller checks that the file exists:
-    what to do when it does not depends on the caller."""
+    is truncated or corrupt, lacks any of the keys `required`, or names a sharded directory that
+    is not there; 'model' and 'optimizer' count as present when the file names such a directory.
+    The caller checks that the file exists: what to do when it does not depends on the caller."""
     path = os.path.join(out_dir, 'ckpt.pt')
     try:
         # not weights_only: a checkpoint also holds the RNG states, numpy's among them
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        first_line = str(e).splitlines()[0]
         raise ConfigError(f"{path} is truncated or corrupt, it cannot be loaded "
-                          f"({type(e).__name__}: {first_line}): {INTACT_COPY}") from None
+                          f"({type(e).__name__}: {first_line(e)}): {INTACT_COPY}") from None
     if isinstance(checkpoint, dict):
         in_shards = {'model', 'optimizer'} if 'sharded' in checkpoint else set()
         missing = [key for key in required if key not in checkpoint and key not in in_shards]
     else:
         missing = list(required)
     if missing:
-        raise ConfigError(f"{path} is not a checkpoint of train.py (missing {', '.join(missing)})")
+        raise ConfigError(f"{path} is not a checkpoint of train.py (missing "
+                          f"{', '.join(missing)}): point out_dir at a train.py run, or "
+                          f"train one")
     if 'sharded' in checkpoint:
         directory = os.path.join(out_dir, checkpoint['sharded'])
         if not os.path.exists(os.path.join(directory, '.metadata')):
             raise ConfigError(f"{path} keeps its weights in {directory}, which is missing or "
-                              f"incomplete: {INTACT_COPY}")
+                              f"incomplete: {INTACT_COPY}, with the directory it names")
     return checkpoint
 
 
@@ -67,20 +77,21 @@ def load_model(checkpoint, out_dir, model):
     state = {'model': model.state_dict()}
     with warnings.catch_warnings(): # it warns that it assumes a single process, which it is
         warnings.filterwarnings('ignore', message='torch.distributed is disabled')
-        dcp.load(state, checkpoint_id=os.path.join(out_dir, checkpoint['sharded']), no_dist=True)
+        read_shards(state, out_dir, checkpoint['sharded'], no_dist=True)
     model.load_state_dict(state['model'])
 
 
 def write_shards(out_dir, iter_num, model, optimizers, is_master):
-    """FSDP: every process writes its shards of the model and of the optimizer state into
-    out_dir/ckpt_<iter>.dcp (a collective: call it on every process). Returns the directory's
-    name, for ckpt.pt to record; until write() renames ckpt.pt into place, nothing names it.
-    A failed write removes the directory and raises a ConfigError on every process."""
-    name = f'ckpt_{iter_num:06d}.dcp'
-    directory = os.path.join(out_dir, name)
-    if is_master and os.path.lexists(directory): # left by a save of this iter that was killed
-        shutil.rmtree(directory)
-    torch.distributed.barrier()
+    """FSDP: every process writes its shards of the model and of the optimizer state into a new
+    directory out_dir/ckpt_<iter>_<token>.dcp (a collective: call it on every process). Returns
+    the directory's name, for ckpt.pt to record; until write() renames ckpt.pt into place,
+    nothing names it. A failed write removes the directory and raises a ConfigError on every
+    process."""
+    # a name no earlier save used, even one of the same iter (a run started again in this
+    # out_dir, or resumed from an older copy): the master draws it, every process writes there
+    names = [f'ckpt_{iter_num:06d}_{os.urandom(4).hex()}.dcp' if is_master else None]
+    torch.distributed.broadcast_object_list(names, src=0)
+    directory = os.path.join(out_dir, names[0])
     state = {'model': get_model_state_dict(model),
              'optimizer': get_optimizer_state_dict(model, optimizers)}
     try:
@@ -96,7 +107,7 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
                           f"({failures[0]}); removed {directory}, {last_good(out_dir)}. Once "
                           f"{out_dir} can take them (a full disk: free some space), continue "
                           f"with --init_from=resume") from None
-    return name
+    return names[0]
 
 
 def load_shards(checkpoint, out_dir, model, optimizers):
@@ -104,9 +115,22 @@ def load_shards(checkpoint, out_dir, model, optimizers):
     collective). The optimizers' hyperparameters come back as saved; the caller restores its own."""
     state = {'model': get_model_state_dict(model),
              'optimizer': get_optimizer_state_dict(model, optimizers)}
-    dcp.load(state, checkpoint_id=os.path.join(out_dir, checkpoint['sharded']))
+    read_shards(state, out_dir, checkpoint['sharded'])
     set_model_state_dict(model, state['model'])
     set_optimizer_state_dict(model, optimizers, state['optimizer'])
+
+
+def read_shards(state, out_dir, name, no_dist=False):
+    """dcp.load of out_dir/name into `state`; a shard file that is gone or unreadable is a
+    ConfigError (on every process) that names the directory."""
+    directory = os.path.join(out_dir, name)
+    try:
+        dcp.load(state, checkpoint_id=directory, no_dist=no_dist)
+    except dcp.api.CheckpointException as e:
+        failure = next(iter(e.failures.values()))[0]
+        raise ConfigError(f"{directory} cannot be read ({type(failure).__name__}: "
+                          f"{first_line(failure)}): {INTACT_COPY}, with the directory it "
+                          f"names") from None
 
 
 def write(checkpoint, out_dir, keep_last_n):
@@ -114,8 +138,8 @@ def write(checkpoint, out_dir, keep_last_n):
     keep_last_n the file is renamed to ckpt_<iter>.pt instead and ckpt.pt becomes a second name
     (hard link) of it: no second write. Then the numbered files beyond the last keep_last_n, and
     the sharded directories that no file names, are removed. Returns the paths written. A write
-    that fails (a full disk) removes the temporary file and raises a ConfigError, as every later
-    save would fail the same way."""
+    that fails (a full disk) removes the temporary file, and the shards it would have named, and
+    raises a ConfigError, as every later save would fail the same way."""
     iter_num = checkpoint['iter_num']
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     tmp_path = ckpt_path + '.tmp'
@@ -138,21 +162,36 @@ def write(checkpoint, out_dir, keep_last_n):
         if cause is None:
             raise
         # a partial file must not fill the disk any further, nor be taken for a checkpoint
+        removed = [tmp_path]
         if os.path.lexists(tmp_path):
             os.remove(tmp_path)
+        if 'sharded' in checkpoint:
+            removed.append(os.path.join(out_dir, checkpoint['sharded']))
+            shutil.rmtree(removed[-1], ignore_errors=True)
         raise ConfigError(f"saving the checkpoint of iter {iter_num} to {tmp_path} failed "
-                          f"({cause}); removed {tmp_path}, {last_good(out_dir)}. Once "
-                          f"{out_dir} can take it (a full disk: free some space), continue with "
-                          f"--init_from=resume") from None
+                          f"({cause}); removed {' and '.join(removed)}, {last_good(out_dir)}. "
+                          f"Once {out_dir} can take it (a full disk: free some space), continue "
+                          f"with --init_from=resume") from None
     written = [ckpt_path]
-    numbered = iters_saved_as(out_dir, r'ckpt_(\d+)\.pt')
+    numbered = entries_named(out_dir, r'ckpt_\d+\.pt')
     if keep_last_n:
         written.append(numbered_path)
-        for old_iter in sorted(numbered)[:-keep_last_n]:
-            os.remove(os.path.join(out_dir, numbered.pop(old_iter)))
-    for old_iter, name in iters_saved_as(out_dir, r'ckpt_(\d+)\.dcp').items():
-        if old_iter != iter_num and old_iter not in numbered:
-            shutil.rmtree(os.path.join(out_dir, name))
+        for old in numbered[:-keep_last_n]:
+            os.remove(os.path.join(out_dir, old))
+        numbered = numbered[-keep_last_n:]
+    directories = entries_named(out_dir, r'ckpt_\d+_[0-9a-f]+\.dcp')
+    if directories:
+        named = {checkpoint.get('sharded')}
+        for name in numbered:
+            path = os.path.join(out_dir, name)
+            try: # mmap: a whole (unsharded) checkpoint is not read in
+                saved = torch.load(path, map_location='cpu', weights_only=False, mmap=True)
+            except (RuntimeError, EOFError, pickle.UnpicklingError, OSError):
+                return written # which directory it names is unknown: remove none this time
+            named.add(saved.get('sharded'))
+        for name in directories:
+            if name not in named:
+                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
     return written
 
 
@@ -164,12 +203,8 @@ def last_good(out_dir):
     return "no checkpoint was saved before"
 
 
-def iters_saved_as(out_dir, pattern):
-    """{iter: name} of the entries of out_dir whose whole name matches `pattern` (one group: the
-    iteration)."""
-    found = {}
-    for name in os.listdir(out_dir):
-        match = re.fullmatch(pattern, name)
-        if match:
-            found[int(match[1])] = name
-    return found
+def entries_named(out_dir, pattern):
+    """The names in out_dir that match `pattern` whole, in the order of the iteration each
+    starts with."""
+    names = [name for name in os.listdir(out_dir) if re.fullmatch(pattern, name)]
+    return sorted(names, key=lambda name: int(re.match(r'ckpt_(\d+)', name)[1]))

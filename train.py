@@ -17,7 +17,8 @@ $ torchrun --nproc_per_node=8 --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --
     train.py config/shakespeare_mup.py --gradient_accumulation_steps=16
 
 With FSDP2, parameters, gradients and optimizer state sharded over the processes (same flags;
-each process saves its shards in out_dir/ckpt_<iter>.dcp, which ckpt.pt names):
+each process saves its shards in a directory out_dir/ckpt_<iter>_<token>.dcp, which ckpt.pt
+names; across nodes out_dir must be on a filesystem they share):
 $ torchrun --standalone --nproc_per_node=8 \
     train.py config/train_gpt2_mup.py --gradient_accumulation_steps=40 --fsdp=True
 
@@ -307,7 +308,7 @@ def load_checkpoint():
         advice = ("Resume with the config file and flags of the run that wrote it (only "
                   "attn_backend may change).")
         raise ConfigError("\n".join([heading, *differences, advice]))
-    saved_fsdp = checkpoint['config'].get('fsdp', False)
+    saved_fsdp = 'sharded' in checkpoint # what the file holds, whatever its run's flags said
     if saved_fsdp != fsdp:
         raise ConfigError(f"fsdp={fsdp}: {ckpt_path} was saved by a run with fsdp={saved_fsdp}, "
                           f"whose model and optimizer state it holds in that run's layout; "
@@ -508,7 +509,7 @@ def set_rng_states(states):
 
 def save_checkpoint(rng):
     """out_dir/ckpt.pt, written atomically by checkpoints.write; under FSDP every process first
-    writes its shards into out_dir/ckpt_<iter>.dcp, which ckpt.pt then names. Called on every
+    writes its shards into a new directory, which ckpt.pt then names. Called on every
     process under FSDP, on the master alone otherwise."""
     checkpoint = {
         'model_args': model_args,

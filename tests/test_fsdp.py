@@ -28,6 +28,15 @@ def iter_losses(stdout):
     return {int(it): float(loss) for it, loss in re.findall(r'^iter (\d+): loss (\S+),', stdout, flags=re.M)}
 
 
+def listing(out_dir):
+    """out_dir's entries, each sharded directory's random token as '*'."""
+    return sorted(re.sub(r'_[0-9a-f]{8}\.dcp$', '_*.dcp', name) for name in os.listdir(out_dir))
+
+
+def sharded_directory(out_dir):
+    return out_dir / torch.load(out_dir / 'ckpt.pt', weights_only=False)['sharded']
+
+
 def group_lines(stdout):
     return [line for line in stdout.splitlines() if line.startswith('param group ')]
 
@@ -51,16 +60,16 @@ def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
     assert group_lines(two) == group_lines(one) and len(group_lines(one)) >= 3
 
     two_dir = workdir / ("fsdp-two-" + optimizer)
-    assert sorted(os.listdir(two_dir)) == ['ckpt.pt', 'ckpt_000010.dcp']
-    (two_dir / 'ckpt_000015.dcp').mkdir() # as a save killed before its metadata leaves it
-    (two_dir / 'ckpt_000015.dcp' / '__0_0.distcp').write_bytes(b'partial')
+    assert listing(two_dir) == ['ckpt.pt', 'ckpt_000010_*.dcp']
+    (two_dir / 'ckpt_000015_0badc0de.dcp').mkdir() # as a save killed before its metadata leaves it
+    (two_dir / 'ckpt_000015_0badc0de.dcp' / '__0_0.distcp').write_bytes(b'partial')
     resumed = iter_losses(train(*args[1:], '--max_iters=20', '--fsdp=True', '--init_from=resume',
-                                f'--out_dir={two_dir}', cwd=workdir, launcher=TORCHRUN_ONE))
+                                '--keep_last_n=1', f'--out_dir={two_dir}', cwd=workdir, launcher=TORCHRUN_ONE))
     assert sorted(resumed) == list(range(10, 21))
     worst = max(abs(resumed[i] - two_losses[i]) for i in range(10, 20))
     print(f"{optimizer}: resumed on 1 process, max |loss difference| {worst:.3g}")
     assert worst < 1e-4, (worst, resumed, two_losses)
-    assert sorted(os.listdir(two_dir)) == ['ckpt.pt', 'ckpt_000020.dcp']
+    assert listing(two_dir) == ['ckpt.pt', 'ckpt_000020.pt', 'ckpt_000020_*.dcp']
 
 
 MUON_ON_SHARDS = textwrap.dedent('''
@@ -149,8 +158,8 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     kill_every_process_of(str(cut_dir)) # torchrun's workers run in process groups of their own
     proc.wait()
     saved = torch.load(cut_dir / 'ckpt.pt', weights_only=False)
-    assert saved['iter_num'] == 10 and saved['sharded'] == 'ckpt_000010.dcp' and 'model' not in saved
-    shard_files = sorted(p.name for p in (cut_dir / 'ckpt_000010.dcp').glob('*.distcp'))
+    assert saved['iter_num'] == 10 and 'model' not in saved and listing(cut_dir) == ['ckpt.pt', 'ckpt_000010_*.dcp']
+    shard_files = sorted(p.name for p in sharded_directory(cut_dir).glob('*.distcp'))
     assert shard_files == ['__0_0.distcp', '__1_0.distcp']
     resumed = iter_losses(train(*args, '--max_iters=19', f'--out_dir={cut_dir}', '--init_from=resume', cwd=workdir,
                                 launcher=TORCHRUN))
@@ -162,7 +171,7 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     from analyze_jacobian import load_checkpoint # its --ckpt path (the analysis wants shakespeare_char)
     model = load_checkpoint(str(cut_dir), 'cpu')
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    dcp_to_torch_save(cut_dir / 'ckpt_000010.dcp', workdir / 'fsdp-killed-whole.pt')
+    dcp_to_torch_save(sharded_directory(cut_dir), workdir / 'fsdp-killed-whole.pt')
     whole = torch.load(workdir / 'fsdp-killed-whole.pt', weights_only=False)['model']
     assert sorted(whole) == sorted(model.state_dict())
     assert all(torch.equal(p, whole[name]) for name, p in model.state_dict().items())
@@ -188,7 +197,7 @@ if os.environ.get('RANK') == '1':
     from torch.distributed.checkpoint import FileSystemWriter
     write_data = FileSystemWriter.write_data
     def full_disk(self, plan, planner):
-        if 'ckpt_000020.dcp' in str(self.path):
+        if 'ckpt_000020_' in str(self.path):
             raise OSError(28, 'No space left on device')
         return write_data(self, plan, planner)
     FileSystemWriter.write_data = full_disk
@@ -204,10 +213,10 @@ def test_a_full_disk_at_a_sharded_save_removes_its_directory_and_keeps_the_last_
     proc = run_script('train.py', *TINY_TRAIN, *MUP, '--fsdp=True', '--max_iters=30', f'--out_dir={out_dir}',
                       cwd=workdir, launcher=TORCHRUN, env={**SCRIPT_ENV, 'PYTHONPATH': str(tmp_path)})
     assert proc.returncode != 0 and 'iter 20:' not in proc.stdout
-    line = f"saving the shards of iter 20 to {out_dir}/ckpt_000020.dcp failed ([Errno 28] No space left on device)"
-    assert proc.stderr.count(line) == 2, proc.stderr[-3000:]
+    line = rf"saving the shards of iter 20 to {out_dir}/ckpt_000020_[0-9a-f]{{8}}\.dcp failed \(\[Errno 28\] No space left"
+    assert len(re.findall(line, proc.stderr)) == 2, proc.stderr[-3000:]
     assert f"{out_dir}/ckpt.pt is the last good checkpoint" in proc.stderr
-    assert sorted(os.listdir(out_dir)) == ['ckpt.pt', 'ckpt_000010.dcp']
+    assert listing(out_dir) == ['ckpt.pt', 'ckpt_000010_*.dcp']
     import checkpoints
     from model import GPT, GPTConfig
     saved = checkpoints.read(str(out_dir), 'cpu')
