@@ -223,3 +223,32 @@ def test_a_full_disk_at_a_sharded_save_removes_its_directory_and_keeps_the_last_
     assert saved['iter_num'] == 10
     model = GPT(GPTConfig(**saved['model_args']))
     checkpoints.load_model(saved, str(out_dir), model)
+
+
+# the master's disk is full when it writes ckpt.pt for the shards of iter 20
+CKPT_WRITE_FAILS = """import os
+if os.environ.get('RANK') == '0':
+    import torch
+    save = torch.save
+    def full_disk(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get('iter_num') == 20 and 'sharded' in obj:
+            raise OSError(28, 'No space left on device')
+        return save(obj, f, *args, **kwargs)
+    torch.save = full_disk
+"""
+
+
+def test_a_failed_ckpt_pt_write_under_fsdp_also_removes_the_shards_it_would_name(workdir, tmp_path):
+    """The shards of iter 20 are written, then ckpt.pt cannot be: the shards go too (nothing would
+    name them, and the disk is full), and ckpt.pt still names the shards of iter 10."""
+    (tmp_path / 'sitecustomize.py').write_text(CKPT_WRITE_FAILS)
+    out_dir = tmp_path / 'out'
+    proc = run_script('train.py', *TINY_TRAIN, *MUP, '--fsdp=True', '--max_iters=30', f'--out_dir={out_dir}',
+                      cwd=workdir, launcher=TORCHRUN, env={**SCRIPT_ENV, 'PYTHONPATH': str(tmp_path)})
+    assert proc.returncode != 0 and 'iter 20:' not in proc.stdout
+    line = (rf"saving the checkpoint of iter 20 to {out_dir}/ckpt.pt.tmp failed \(\[Errno 28\] No space left on "
+            rf"device\); removed {out_dir}/ckpt.pt.tmp and {out_dir}/ckpt_000020_[0-9a-f]{{8}}\.dcp, "
+            rf"{out_dir}/ckpt.pt is the last good checkpoint")
+    assert re.search(line, proc.stderr), proc.stderr[-3000:]
+    assert listing(out_dir) == ['ckpt.pt', 'ckpt_000010_*.dcp']
+    assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 10
