@@ -31,7 +31,7 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from configurator import ConfigError, configure, resolve_device
+from configurator import ConfigError, configure, first_line, resolve_device
 from attn_mods import ATTN_MODS, parse_attn_mod
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
@@ -399,8 +399,7 @@ def gpu_benchmarks(device, ptdtype):
         fns['flex FLASH backend'] = fwd_bwd(flex_flash_backend, q, k, v, grad_out)
         flash_backend_note = f"max |output difference| from flex's Triton kernel {difference:.3g}"
     except Exception as e: # whatever torch raises when the backend cannot be used here
-        message = (str(e).strip().splitlines() or [''])[0][:200]
-        flash_backend_note = f"not available: {type(e).__name__}: {message}"
+        flash_backend_note = f"not available: {type(e).__name__}: {first_line(e)[:200]}"
     times = time_interleaved(fns, device, warmup, iters)
     results['flex_vs_flash'] = dict(B=B, H=H, T=T, head_dim=D, dtype='bfloat16', flex_flash_backend=flash_backend_note,
                                     **{f'{name}_ms': statistics.median(t) for name, t in times.items()},

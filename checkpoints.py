@@ -26,16 +26,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from configurator import ConfigError
+from configurator import ConfigError, first_line
 
 INTACT_COPY = ("use an intact copy: a numbered ckpt_<iter>.pt kept by train.py's keep_last_n, "
                "copied over ckpt.pt with `cp --remove-destination` (ckpt.pt is a hard link of the "
                "newest numbered file, which a plain cp would overwrite too)")
-
-
-def first_line(error):
-    """The first line of an exception's message, for a one-line error ('' if it has none)."""
-    return (str(error).strip().splitlines() or [''])[0]
 
 
 def read(out_dir, device, required=('model', 'model_args', 'config')):
@@ -92,10 +87,8 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
     names = [f'ckpt_{iter_num:06d}_{os.urandom(4).hex()}.dcp' if is_master else None]
     torch.distributed.broadcast_object_list(names, src=0)
     directory = os.path.join(out_dir, names[0])
-    state = {'model': get_model_state_dict(model),
-             'optimizer': get_optimizer_state_dict(model, optimizers)}
     try:
-        dcp.save(state, checkpoint_id=directory)
+        dcp.save(shard_state(model, optimizers), checkpoint_id=directory)
     except dcp.api.CheckpointException as e: # raised on every process, with each one's failure
         if is_master:
             shutil.rmtree(directory, ignore_errors=True)
@@ -104,20 +97,25 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
         if not failures:
             raise
         raise ConfigError(f"saving the shards of iter {iter_num} to {directory} failed "
-                          f"({failures[0]}); removed {directory}, {last_good(out_dir)}. Once "
-                          f"{out_dir} can take them (a full disk: free some space), continue "
-                          f"with --init_from=resume") from None
+                          f"({failures[0]}); removed {directory}, "
+                          f"{what_is_left(out_dir)}") from None
     return names[0]
 
 
 def load_shards(checkpoint, out_dir, model, optimizers):
     """FSDP resume: each process reads its shards of the model and of the optimizer state (a
     collective). The optimizers' hyperparameters come back as saved; the caller restores its own."""
-    state = {'model': get_model_state_dict(model),
-             'optimizer': get_optimizer_state_dict(model, optimizers)}
+    state = shard_state(model, optimizers)
     read_shards(state, out_dir, checkpoint['sharded'])
     set_model_state_dict(model, state['model'])
     set_optimizer_state_dict(model, optimizers, state['optimizer'])
+
+
+def shard_state(model, optimizers):
+    """This process's shards of the model and of the optimizer state, as write_shards saves them
+    and load_shards reads them in place."""
+    return {'model': get_model_state_dict(model),
+            'optimizer': get_optimizer_state_dict(model, optimizers)}
 
 
 def read_shards(state, out_dir, name, no_dist=False):
@@ -169,9 +167,8 @@ def write(checkpoint, out_dir, keep_last_n):
             removed.append(os.path.join(out_dir, checkpoint['sharded']))
             shutil.rmtree(removed[-1], ignore_errors=True)
         raise ConfigError(f"saving the checkpoint of iter {iter_num} to {tmp_path} failed "
-                          f"({cause}); removed {' and '.join(removed)}, {last_good(out_dir)}. "
-                          f"Once {out_dir} can take it (a full disk: free some space), continue "
-                          f"with --init_from=resume") from None
+                          f"({cause}); removed {' and '.join(removed)}, "
+                          f"{what_is_left(out_dir)}") from None
     written = [ckpt_path]
     numbered = entries_named(out_dir, r'ckpt_\d+\.pt')
     if keep_last_n:
@@ -195,12 +192,15 @@ def write(checkpoint, out_dir, keep_last_n):
     return written
 
 
-def last_good(out_dir):
-    """What a failed save leaves to resume from, in words."""
+def what_is_left(out_dir):
+    """What a failed save leaves to resume from and how, in words."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if os.path.exists(ckpt_path):
-        return f"{ckpt_path} is the last good checkpoint"
-    return "no checkpoint was saved before"
+        left = f"{ckpt_path} is the last good checkpoint"
+    else:
+        left = "no checkpoint was saved before"
+    return (f"{left}. Once {out_dir} can take it (a full disk: free some space), continue with "
+            f"--init_from=resume")
 
 
 def entries_named(out_dir, pattern):

@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A bad setting or input file: the message names it, its value and the fix."""
 
 
+def first_line(error):
+    """The first line of an exception's message, to quote in a one-line error ('' if it has
+    none)."""
+    return (str(error).strip().splitlines() or [''])[0]
+
+
 def _report(exc_type, exc, tb):
     if issubclass(exc_type, ConfigError):
         print(f"error: {exc}", file=sys.stderr)

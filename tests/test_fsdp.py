@@ -191,6 +191,17 @@ def test_fsdp_without_torchrun_says_how_to_launch(workdir):
     assert proc.returncode == 1 and 'torchrun' in proc.stderr.splitlines()[0]
 
 
+def train_until_a_failed_save(fault, workdir, tmp_path):
+    """2 FSDP processes with `fault` installed as sitecustomize, meant to fail the save of iter 20
+    (that of iter 10 succeeds): the process, which must have stopped there, and its out_dir."""
+    (tmp_path / 'sitecustomize.py').write_text(fault)
+    out_dir = tmp_path / 'out'
+    proc = run_script('train.py', *TINY_TRAIN, *MUP, '--fsdp=True', '--max_iters=30', f'--out_dir={out_dir}',
+                      cwd=workdir, launcher=TORCHRUN, env={**SCRIPT_ENV, 'PYTHONPATH': str(tmp_path)})
+    assert proc.returncode != 0 and 'iter 20:' not in proc.stdout
+    return proc, out_dir
+
+
 # process 1's disk is full when the shards of iter 20 are written
 SHARD_WRITE_FAILS = """import os
 if os.environ.get('RANK') == '1':
@@ -208,11 +219,7 @@ def test_a_full_disk_at_a_sharded_save_removes_its_directory_and_keeps_the_last_
     """The save at iter 10 succeeds; at iter 20 one process cannot write its shard. Both processes
     stop with the one-line error, the half-written directory is gone, and ckpt.pt still names the
     intact shards of iter 10, which load."""
-    (tmp_path / 'sitecustomize.py').write_text(SHARD_WRITE_FAILS)
-    out_dir = tmp_path / 'out'
-    proc = run_script('train.py', *TINY_TRAIN, *MUP, '--fsdp=True', '--max_iters=30', f'--out_dir={out_dir}',
-                      cwd=workdir, launcher=TORCHRUN, env={**SCRIPT_ENV, 'PYTHONPATH': str(tmp_path)})
-    assert proc.returncode != 0 and 'iter 20:' not in proc.stdout
+    proc, out_dir = train_until_a_failed_save(SHARD_WRITE_FAILS, workdir, tmp_path)
     line = rf"saving the shards of iter 20 to {out_dir}/ckpt_000020_[0-9a-f]{{8}}\.dcp failed \(\[Errno 28\] No space left"
     assert len(re.findall(line, proc.stderr)) == 2, proc.stderr[-3000:]
     assert f"{out_dir}/ckpt.pt is the last good checkpoint" in proc.stderr
@@ -241,11 +248,7 @@ if os.environ.get('RANK') == '0':
 def test_a_failed_ckpt_pt_write_under_fsdp_also_removes_the_shards_it_would_name(workdir, tmp_path):
     """The shards of iter 20 are written, then ckpt.pt cannot be: the shards go too (nothing would
     name them, and the disk is full), and ckpt.pt still names the shards of iter 10."""
-    (tmp_path / 'sitecustomize.py').write_text(CKPT_WRITE_FAILS)
-    out_dir = tmp_path / 'out'
-    proc = run_script('train.py', *TINY_TRAIN, *MUP, '--fsdp=True', '--max_iters=30', f'--out_dir={out_dir}',
-                      cwd=workdir, launcher=TORCHRUN, env={**SCRIPT_ENV, 'PYTHONPATH': str(tmp_path)})
-    assert proc.returncode != 0 and 'iter 20:' not in proc.stdout
+    proc, out_dir = train_until_a_failed_save(CKPT_WRITE_FAILS, workdir, tmp_path)
     line = (rf"saving the checkpoint of iter 20 to {out_dir}/ckpt.pt.tmp failed \(\[Errno 28\] No space left on "
             rf"device\); removed {out_dir}/ckpt.pt.tmp and {out_dir}/ckpt_000020_[0-9a-f]{{8}}\.dcp, "
             rf"{out_dir}/ckpt.pt is the last good checkpoint")
