@@ -3,7 +3,10 @@ Coordinate check for muP (docs/mup.md invariants 3 and 4), in the style of micro
 
 GPTs of several widths take a few Adam steps on one fixed batch, with the learning rates set as
 train.py sets them (lr * lr_scale on every group of model.configure_optimizers). Forward hooks
-record mean(|h|) of every block's attention and MLP output, and the logits, before each step.
+record mean(|h|) of the output of every module, before each step: every Linear, Embedding,
+LayerNorm and activation, each block's attention, MLP and residual stream, the logits, and the
+modules of your own attention class (--attn_cls), as microsoft/mup's get_coord_data does, so the
+slope table names the layer at fault.
 Under muP these coordinates stay the same size as the width grows once the weights have moved;
 under SP the block outputs grow about like width^2 after a few Adam steps. The check must look
 after updates: at t = 0 muP's logits shrink like 1/sqrt(width) by design (the readout's output
@@ -20,14 +23,16 @@ $ python coord_check.py                                  # SP and muP, widths 12
 $ python coord_check.py --heads=grow --out=coord_check_grow   # head_dim fixed, n_head grows
 $ python coord_check.py --param=mup --widths=64,256,1024 --steps=5 --lr=3e-2
 $ python coord_check.py --depths=2,4,8,16 --out=coord_check_depth   # depth: none, depth-muP, CompleteP
+$ python coord_check.py --attn_cls=gated_attention.py:HeadwiseGate --widths=64,128,256,512  # your class
 
 Writes assets/<out>.png and results/<out>.csv, prints a table of log2-log2 slopes vs width (or
-depth). The functions (fixed_batch, build_model, measure, run_widths, run_depths, slopes) are
+depth), one row per module, and the worst module by name. The functions (fixed_batch, build_model, measure, run_widths, run_depths, slopes) are
 what tests/test_mup.py and tests/test_depth.py use, so the tests and the figures are one
 implementation.
 """
 
 import csv
+import functools
 import os
 import pickle
 import sys
@@ -35,7 +40,7 @@ import sys
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, MuPFlexAttention, set_lr
+from model import GPT, GPTConfig, MuPFlexAttention, load_attn_cls, set_lr
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
@@ -57,6 +62,8 @@ n_layer = 2
 n_head = 4 # used when heads='fixed'
 head_dim = 16 # used when heads='grow' (becomes mup_base_head_dim under muP)
 base_width = 64 # mup_base_width of the muP models
+init_std = 0.02 # the models' init_std (a muTransfer hyperparameter)
+attn_cls = '' # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
 batch_size = 16
 block_size = 64
 seed = 1337
@@ -89,11 +96,12 @@ def fixed_batch(batch_size, block_size, seed):
     return xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), vocab_size, 'shakespeare_char train.bin'
 
 def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, base_width=64,
-                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, attn_cls=MuPFlexAttention, **depth_scaling):
+                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, attn_cls=MuPFlexAttention, **model_args):
     """A GPT of n_embd=width, as train.py builds it (no bias, no dropout, tied readout), SP or
     muP relative to base_width. heads='fixed' keeps n_head; heads='grow' keeps head_dim and
-    tells muP the base model's head dim (mup_base_head_dim). depth_scaling: mup_base_depth and
-    mup_depth_alpha. attn_cls: the attention class (a MuPFlexAttention subclass)."""
+    tells muP the base model's head dim (mup_base_head_dim). attn_cls: the attention class (a
+    MuPFlexAttention subclass). model_args: other GPTConfig fields (init_std, the depth scaling's
+    mup_base_depth and mup_depth_alpha, ...)."""
     if param not in ('sp', 'mup'):
         raise ValueError(f"param={param!r}: use 'sp' or 'mup'")
     if heads not in ('fixed', 'grow'):
@@ -102,24 +110,37 @@ def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, b
     config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head if heads == 'fixed' else width // head_dim, n_embd=width,
                        dropout=0.0, bias=False, mup_base_width=base_width if mup else 0,
-                       mup_base_head_dim=head_dim if mup and heads == 'grow' else 0, **depth_scaling)
+                       mup_base_head_dim=head_dim if mup and heads == 'grow' else 0, **model_args)
     torch.manual_seed(seed)
     return GPT(config, attn_cls)
+
+def coord_name(model, name, module):
+    """The short name a coordinate check gives a module's output: its name without
+    'transformer.', and 'logits' for the readout."""
+    if module is model.lm_head:
+        return 'logits'
+    return name.removeprefix('transformer.')
 
 def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_lr_mult=1.0):
     """Take `steps` optimizer steps on the batch (x, y) at constant lr, each param group at
     lr * lr_scale as train.py sets it (AdamW, or Muon for the hidden matrices and AdamW for the
-    rest; no weight decay, no clipping: both are invariant to clipping's rescale, up to eps). Returns (h, dh, losses): h[t][layer] = mean|h| and
-    dh[t][layer] = mean|h_t - h_0| in the forward after t updates, t = 0 .. steps, of every
-    block's attention and MLP output ('h.<i>.attn', 'h.<i>.mlp'), every block's output (the
-    residual stream after it, 'h.<i>') and the logits."""
+    rest; no weight decay, no clipping: both are invariant to clipping's rescale, up to eps).
+    Returns (h, dh, losses): h[t][name] = mean|h| and dh[t][name] = mean|h_t - h_0| in the
+    forward after t updates, t = 0 .. steps, of the output of every module that returns a tensor
+    (microsoft/mup's get_coord_data records every module too, so a layer at fault is named):
+    every Linear, Embedding, norm and activation, a subclass's own modules, each block's
+    attention ('h.<i>.attn') and MLP, each block (the residual stream after it, 'h.<i>') and the
+    logits. Dropout is left out (the identity here: the check runs without dropout)."""
     outputs = {}
     hooks = []
-    for i, block in enumerate(model.transformer.h):
-        for name, module in ((f'h.{i}.attn', block.attn), (f'h.{i}.mlp', block.mlp), (f'h.{i}', block)):
-            def hook(module, inputs, output, name=name):
-                outputs[name] = output.detach()
-            hooks.append(module.register_forward_hook(hook))
+    def record(module, inputs, output, name):
+        if isinstance(output, torch.Tensor):
+            outputs[name] = output.detach()
+    for name, module in model.named_modules():
+        if module is model or isinstance(module, torch.nn.Dropout):
+            continue
+        hook = functools.partial(record, name=coord_name(model, name, module))
+        hooks.append(module.register_forward_hook(hook))
     optimizer = model.configure_optimizers(0.0, lr, betas, 'cpu', optimizer=optimizer,
                                            muon_lr_mult=muon_lr_mult)
     set_lr(optimizer, lr)
@@ -127,8 +148,8 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_l
     model.train()
     try:
         for t in range(steps + 1):
+            outputs.clear()
             logits, loss = model(x, y)
-            outputs['logits'] = logits.detach()
             if first is None:
                 first = dict(outputs)
             h.append({k: v.abs().mean().item() for k, v in outputs.items()})
@@ -145,20 +166,19 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_l
     return h, dh, losses
 
 def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=None, n_layer=2,
-               n_head=4, head_dim=16, base_width=64, progress=None, attn_cls=MuPFlexAttention, **optimizer):
-    """measure() at every width with the same batch and seed. batch: (x, y, vocab_size), default
-    random tokens. Returns [{'size' (the width), 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
+               n_head=4, head_dim=16, base_width=64, progress=None, attn_cls=MuPFlexAttention, model_args=None,
+               **optimizer):
+    """measure() at every width with the same batch and seed, on models of build_model(...,
+    attn_cls, **model_args). batch: (x, y, vocab_size), default random tokens. Returns [{'size' (the width), 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
     if len(widths) < 2:
         raise ValueError(f"widths={widths}: a slope needs at least two widths (docs/mup.md asks for >= 3 doublings)")
     x, y, vocab_size = batch if batch is not None else (*random_batch(8, 32, seed), _RANDOM_VOCAB)
     results = []
     for width in widths:
         model = build_model(width, param, heads, n_layer, n_head, head_dim, base_width,
-                            vocab_size, x.size(1), seed, attn_cls)
+                            vocab_size, x.size(1), seed, attn_cls, **(model_args or {}))
         h, dh, losses = measure(model, x, y, lr, steps, **optimizer)
-        # the block outputs and the logits are what the width check compares
-        keep = lambda stats: {k: v for k, v in stats.items() if k.endswith(('attn', 'mlp', 'logits'))}
-        results.append(dict(size=width, h=list(map(keep, h)), dh=list(map(keep, dh)), losses=losses))
+        results.append(dict(size=width, h=h, dh=dh, losses=losses))
         if progress is not None:
             progress.update(1)
     return results
@@ -241,15 +261,23 @@ def write_csv(all_results, path, layout, axis='width'):
                         w.writerow([p, layout, res['size'], t, layer, f"{h[layer]:.6g}",
                                     f"{dh[layer]:.6g}", f"{res['losses'][t]:.6g}"])
 
+def worst(slopes_by_name):
+    """(name, slope) of the largest |slope|: the module at fault, if any."""
+    return max(slopes_by_name.items(), key=lambda item: abs(item[1]))
+
 def print_slopes(all_results, steps, axis='width'):
     tables = [(f'mean|h| at t={steps}', 'h', -1), ('mean|h_1 - h_0| (first update)', 'dh', 1)]
     for name, stat, step in tables:
         print(f"\nlog2-log2 slope vs {axis} of {name}")
         per_param = {p: slopes(res, step, stat) for p, res in all_results.items()}
-        print(f"{'layer':<16}" + ''.join(f"{LABELS.get(p, p):>11}" for p in per_param))
+        width = max(len(layer) for layer in next(iter(per_param.values()))) + 2
+        print(f"{'module':<{width}}" + ''.join(f"{LABELS.get(p, p):>11}" for p in per_param))
         for layer in next(iter(per_param.values())):
-            print(f"{layer:<16}" + ''.join(f"{s[layer]:>11.2f}" for s in per_param.values()))
-        print(f"{'max |s|':<16}" + ''.join(f"{max(abs(v) for v in s.values()):>11.2f}" for s in per_param.values()))
+            print(f"{layer:<{width}}" + ''.join(f"{s[layer]:>11.2f}" for s in per_param.values()))
+        print(f"{'max |s|':<{width}}" + ''.join(f"{abs(worst(s)[1]):>11.2f}" for s in per_param.values()))
+        for p, s in per_param.items():
+            module, value = worst(s)
+            print(f"worst under {LABELS.get(p, p)}: {module} ({value:+.2f})")
 
 if __name__ == '__main__':
     from tqdm import tqdm
@@ -258,6 +286,13 @@ if __name__ == '__main__':
     configure(globals(), sys.argv[1:])
     if param not in ('sp', 'mup', 'both'):
         raise ConfigError(f"param={param!r}: use 'sp', 'mup' or 'both'")
+    try:
+        attention = load_attn_cls(attn_cls)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if depths and attn_cls:
+        raise ConfigError(f"attn_cls={attn_cls!r} with depths: the depth check runs the model's own "
+                          f"attention; leave out --attn_cls or --depths")
     if depths and min(depths) < 2:
         raise ConfigError(f"depths={depths}: every depth must be >= 2 (the statistics include the residual at L/2)")
     x, y, vocab_size, source = fixed_batch(batch_size, block_size, seed)
@@ -273,9 +308,10 @@ if __name__ == '__main__':
         with tqdm(total=2 * len(widths), desc='widths') as bar:
             for p in (['sp', 'mup'] if param == 'both' else [param]):
                 all_results[p] = run_widths(widths, p, heads, steps, lr, seed, (x, y, vocab_size), n_layer,
-                                            n_head, head_dim, base_width, progress=bar)
+                                            n_head, head_dim, base_width, progress=bar, attn_cls=attention,
+                                            model_args=dict(init_std=init_std))
     print(f"data: {source}; batch {batch_size}x{block_size}; {layout}; Adam lr {lr:g}, {steps} steps; "
-          f"muP base width {base_width}")
+          f"init std {init_std:g}; muP base width {base_width}; attention {attention.__name__}")
     print_slopes(all_results, steps, axis)
     for d in ('assets', 'results'):
         os.makedirs(os.path.join(_HERE, d), exist_ok=True)

@@ -15,7 +15,9 @@ meta-pytorch/attention-gym (the mods catalog, in attn_mods.py).
 """
 
 import functools
+import importlib.util
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -300,7 +302,9 @@ class MuPFlexAttention(nn.Module):
                         scale=self.scale)
         return dense_attention(q, k, v, mask, self.active_score_mod(), self.scale, dropout_p)
 
-    def forward(self, x, mask, kv_cache=None):
+    def qkv(self, x, kv_cache=None):
+        """The queries, keys and values of x (B, T, n_embd), each (B, n_head, T, head_dim); with
+        a KV cache the keys and values of the cached positions come first."""
         B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
@@ -308,9 +312,19 @@ class MuPFlexAttention(nn.Module):
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v) # this layer's keys and values so far, the new ones last
-        y = self.attend(q, k, v, mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C) # re-assemble all head outputs side by side
+        return q, k, v
+
+    def output(self, y):
+        """The head outputs y (B, n_head, T, head_dim) side by side, projected into the residual
+        stream (B, T, n_embd)."""
+        B, _, T, _ = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, T, -1) # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x, mask, kv_cache=None):
+        q, k, v = self.qkv(x, kv_cache)
+        y = self.attend(q, k, v, mask)
+        return self.output(y)
 
 
 @functools.cache
@@ -427,9 +441,73 @@ class LayerKVCache(NamedTuple):
 
 class ParamInfo(NamedTuple):
     """What muP needs to know of one parameter (docs/mup.md, per-parameter rules)."""
-    kind: str # 'hidden' (two dims grow with width), 'embedding' (one, or a finite table), 'vector'
-    width_mult: float # m along its fan-in, the last growing dim; 1 under SP
+    kind: str # 'hidden', 'embedding', 'output', 'readout' or 'vector' (GPT._classify_params)
+    width_mult: float # how much its fan-in has grown: m where the fan-in grows with width, else 1
     in_block: bool # inside a residual branch, where depth scaling applies
+
+
+class Readout(nn.Linear):
+    """The readout, logits = output_mult / m * (x W^T): muP's output multiplier in the forward
+    (microsoft/mup's MuReadout; docs/mup.md), so that no path to logits can miss it and a
+    forward hook on it (the coordinate check) sees the logits. Its weight keeps the init and lr of
+    the base width ('readout'): the 1/m is here, never a second time in the init or the lr."""
+
+    def __init__(self, in_features, out_features, output_mult, width_mult):
+        super().__init__(in_features, out_features, bias=False)
+        self.output_mult = output_mult
+        self.width_mult = width_mult
+
+    def forward(self, x):
+        # muP's readout multiplier output_mult / m (docs/mup.md, per-parameter rules)
+        return super().forward(x) * (self.output_mult / self.width_mult)
+
+
+def fan_in_dim(param, owner):
+    """The dim of a weight that its input is summed over. A `fan_in_dim` attribute on the
+    parameter says it outright (the override, for a raw parameter used as `x @ W`); else an
+    nn.Embedding's is 0 (its one-hot input picks a row of (num, dim)), and every other weight's
+    is 1: nn.Linear's (out, in) and torch.nn.init's convention for any other weight."""
+    if hasattr(param, 'fan_in_dim'):
+        return param.fan_in_dim
+    if isinstance(owner, nn.Embedding):
+        return 0
+    return 1
+
+
+@functools.cache
+def load_attn_cls(spec):
+    """The attention class that a setting names: 'path/to/file.py:ClassName' (a path relative to
+    the working directory, or absolute) or 'module:ClassName' (importable, e.g.
+    'graph_attention:GraphAttention'); '' is MuPFlexAttention. Loaded once per spec. A ValueError
+    names what is wrong: the spec's form, a missing file, a failed import, a missing class, or a
+    class that is not a MuPFlexAttention subclass."""
+    if not spec:
+        return MuPFlexAttention
+    where, _, class_name = spec.rpartition(':')
+    if not where or not class_name.isidentifier():
+        raise ValueError(f"attn_cls={spec!r}: write 'path/to/file.py:ClassName' or "
+                         f"'module:ClassName'")
+    if where.endswith('.py') and not os.path.isfile(where):
+        raise ValueError(f"attn_cls={spec!r}: {where} not found (from {os.getcwd()}); give its "
+                         f"path from the working directory, or an absolute one")
+    try:
+        if where.endswith('.py'):
+            module_name = os.path.splitext(os.path.basename(where))[0]
+            module_spec = importlib.util.spec_from_file_location(module_name, where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as e: # the user's file, not our code: name it and what it raised
+        raise ValueError(f"attn_cls={spec!r}: importing {where} failed ({type(e).__name__}: "
+                         f"{e})") from None
+    attn_cls = getattr(module, class_name, None)
+    if attn_cls is None:
+        raise ValueError(f"attn_cls={spec!r}: {where} has no {class_name}")
+    if not (isinstance(attn_cls, type) and issubclass(attn_cls, MuPFlexAttention)):
+        raise ValueError(f"attn_cls={spec!r}: {class_name} is not a subclass of "
+                         f"model.MuPFlexAttention")
+    return attn_cls
 
 
 class GPT(nn.Module):
@@ -446,7 +524,8 @@ class GPT(nn.Module):
                                for i in range(config.n_layer)]),
             ln_f = LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Readout(config.n_embd, config.vocab_size, config.mup_output_mult,
+                               config.width_mult)
         if config.tie_weights:
             # https://paperswithcode.com/method/weight-tying
             self.transformer.wte.weight = self.lm_head.weight
@@ -467,8 +546,14 @@ class GPT(nn.Module):
         parameters a subclass adds are treated right without a list of names.
 
         A dim grows if it differs from the base model's (at the base width: from a 2x wider
-        model's). Two growing dims: 'hidden'; else two or more dims: 'embedding' (wte, wpe, the
-        readout, per-head tables); else 'vector' (LayerNorms, biases)."""
+        model's). Which dim is the fan-in comes from the module that owns the weight (fan_in_dim).
+        docs/mup.md, per-parameter rules:
+        - 'hidden': two or more dims grow (c_attn, c_proj, c_fc; a subclass's n_embd x n_embd);
+        - 'output': one dim grows, the fan-in (a headwise gate Linear(n_embd, n_head), a router);
+        - 'embedding': one dim grows, not the fan-in (wte, wpe, a Linear(n_head, n_embd)), or none
+          (a per-head table): input weights and finite tables;
+        - 'readout': the Readout's weight when untied (its 1/m is in its forward);
+        - 'vector': one dim (LayerNorm gains, biases, learned ALiBi slopes)."""
         c = self.config
         base_width = c.mup_base_width or c.n_embd
         base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim,
@@ -477,6 +562,10 @@ class GPT(nn.Module):
         at_base_width = c.n_embd == base_width
         if at_base_width: # nothing differs from the base model here: compare with a wider one
             compared_shapes = self._param_shapes(replace(base, n_embd=2 * base_width))
+        owners = {}
+        for module_name, module in self.named_modules():
+            for param_name, _ in module.named_parameters(prefix=module_name, recurse=False):
+                owners[param_name] = module
         info = {}
         for name, p in self.named_parameters():
             if name not in base_shapes:
@@ -486,16 +575,21 @@ class GPT(nn.Module):
             base_shape = base_shapes[name]
             shape = compared_shapes[name] if at_base_width else tuple(p.shape)
             growing = [dim for dim in range(p.dim()) if shape[dim] != base_shape[dim]]
+            owner = owners[name]
+            fan_in = fan_in_dim(p, owner) if p.dim() >= 2 else None # a vector has none
             width_mult = 1.0
-            if growing:
-                fan_in = growing[-1]
+            if fan_in in growing:
                 width_mult = p.shape[fan_in] / base_shape[fan_in]
-            if len(growing) >= 2:
-                kind = 'hidden'
-            elif p.dim() >= 2:
-                kind = 'embedding'
-            else:
+            if p.dim() < 2:
                 kind = 'vector'
+            elif isinstance(owner, Readout):
+                kind = 'readout'
+            elif len(growing) >= 2:
+                kind = 'hidden'
+            elif growing == [fan_in]:
+                kind = 'output'
+            else:
+                kind = 'embedding'
             info[name] = ParamInfo(kind, width_mult, in_block=name.startswith('transformer.h.'))
         return info
 
@@ -526,6 +620,9 @@ class GPT(nn.Module):
             if info.kind == 'hidden':
                 # muP: a hidden matrix's init variance ~ 1/fan_in (docs/mup.md)
                 p.div_(math.sqrt(info.width_mult))
+            elif info.kind == 'output':
+                # muP: an output weight's init variance ~ 1/fan_in^2 (docs/mup.md; TP V, Table 8)
+                p.div_(info.width_mult)
 
     def get_num_params(self, non_embedding=True):
         """
@@ -570,12 +667,12 @@ class GPT(nn.Module):
 
         if targets is not None:
             # if we are given some desired targets also calculate the loss
-            logits = self.readout(x)
+            logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                    ignore_index=-1)
         else:
             # inference-time mini-optimization: only forward the lm_head on the very last position
-            logits = self.readout(x[:, [-1], :]) # note: using list [-1] to preserve the time dim
+            logits = self.lm_head(x[:, [-1], :]) # note: using list [-1] to preserve the time dim
             loss = None
         return logits, loss
 
@@ -591,11 +688,6 @@ class GPT(nn.Module):
         if key not in self.static_masks:
             self.static_masks[key] = attn.make_mask(None, T, device)
         return self.static_masks[key]
-
-    def readout(self, x):
-        """Every path to logits goes through here: muP's readout multiplier output_mult / m
-        (MuReadout; docs/mup.md)."""
-        return self.lm_head(x) * (self.config.mup_output_mult / self.config.width_mult)
 
     def crop_block_size(self, block_size):
         # model surgery, e.g. to use a checkpoint of block size 1024 with a smaller block size
@@ -625,13 +717,16 @@ class GPT(nn.Module):
                 # width-independent: no 1/m, and so weight decay as is (docs/mup.md, Muon)
                 width_lr = muon_lr_mult
                 decay = weight_decay
-            elif info.kind == 'hidden':
-                width_lr = info.width_mult ** -c.mup_hidden_lr_exponent # muP: Adam's lr / m
+            elif info.kind in ('hidden', 'output'):
+                # muP: Adam's lr / m where the fan-in grows (TP V, Table 8); the hidden matrices'
+                # exponent differs from 1 only in the finite-width study
+                exponent = c.mup_hidden_lr_exponent if info.kind == 'hidden' else 1.0
+                width_lr = info.width_mult ** -exponent
                 decay = weight_decay
                 if c.mup_scale_weight_decay:
                     # x m: the decay per step, lr * wd, stays put (as MuAdamW)
                     decay = weight_decay / width_lr
-            elif info.kind == 'embedding':
+            elif info.kind in ('embedding', 'readout'):
                 width_lr = 1.0
                 decay = weight_decay
             else: # vectors: LayerNorm gains and biases are not decayed

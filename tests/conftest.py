@@ -57,6 +57,19 @@ def ok(proc):
     return proc.stdout
 
 
+def text_batch(batch_size, block_size, seed):
+    """(x, y, vocab_size): one batch of real English text at the character level (tests/data/
+    sonnets.txt, ten of Shakespeare's sonnets), the same in every clone, no download needed."""
+    with open(os.path.join(ROOT, 'tests', 'data', 'sonnets.txt')) as f:
+        text = f.read()
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text])
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=g).tolist()
+    xy = torch.stack([ids[start:start + block_size + 1] for start in starts])
+    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), len(chars)
+
+
 def best_log2_lr(model_args, log2_lrs, seed=0, steps=10, **optimizer):
     """The best lr on a x2 grid (its log2) for fitting one 8x32 batch of random tokens in `steps`
     constant-lr steps, as coord_check.measure takes them, with models from

@@ -23,11 +23,25 @@ sys.path.insert(0, ROOT)
 # name -> (what the bug is, file, the text, what replaces it). The text must occur exactly once.
 MUTATIONS = {
     'hidden_lr_sqrt_m': ("hidden matrices' Adam lr / sqrt(m), not / m", 'model.py',
-                         "width_lr = info.width_mult ** -c.mup_hidden_lr_exponent",
-                         "width_lr = info.width_mult ** -0.5"),
+                         "exponent = c.mup_hidden_lr_exponent if info.kind == 'hidden' else 1.0",
+                         "exponent = 0.5 if info.kind == 'hidden' else 1.0"),
     'readout_not_scaled': ("no 1/m on the readout", 'model.py',
-                           "return self.lm_head(x) * (self.config.mup_output_mult / self.config.width_mult)",
-                           "return self.lm_head(x) * self.config.mup_output_mult"),
+                           "return super().forward(x) * (self.output_mult / self.width_mult)",
+                           "return super().forward(x) * self.output_mult"),
+    'fan_in_only_as_embedding': ("a weight whose fan-in alone grows (a headwise gate) treated as an embedding",
+                                 'model.py', "            elif growing == [fan_in]:\n                kind = 'output'\n",
+                                 "            elif growing == [fan_in]:\n                kind = 'embedding'\n"),
+    'output_lr_not_scaled': ("an output weight's Adam lr not / m (its init still sigma / m)", 'model.py',
+                             "exponent = c.mup_hidden_lr_exponent if info.kind == 'hidden' else 1.0",
+                             "exponent = c.mup_hidden_lr_exponent if info.kind == 'hidden' else 0.0"),
+    'output_init_not_scaled': ("an output weight's init sigma, not sigma / m (its lr still / m)", 'model.py',
+                               "                p.div_(info.width_mult)\n", "                p.div_(1.0)\n"),
+    'embedding_fan_in_as_linear': ("an nn.Embedding's fan-in taken as dim 1, as a Linear's (wte becomes an output weight)",
+                                   'model.py', "    if isinstance(owner, nn.Embedding):\n        return 0\n",
+                                   "    if isinstance(owner, nn.Embedding):\n        return 1\n"),
+    'readout_scaled_twice': ("the untied readout also an output weight: lr / m besides its forward's 1/m", 'model.py',
+                             "            elif isinstance(owner, Readout):\n                kind = 'readout'\n",
+                             "            elif isinstance(owner, Readout):\n                kind = 'output'\n"),
     'hidden_init_not_scaled': ("no sigma / sqrt(m) on the hidden init", 'model.py',
                                "p.div_(math.sqrt(info.width_mult))", "p.div_(1.0)"),
     'attention_1_over_sqrt_d': ("SP's 1/sqrt(d_head) logit scale under muP", 'model.py',
@@ -67,8 +81,9 @@ MUTATIONS = {
 FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_as_mup_says',
                  'test_hidden_matrices_go_to_muon_without_the_width_rule',
                  'test_subclass_parameters_are_classified_by_shape', 'test_graph_parameters_are_not_hidden_and_get_gradients',
-                 'test_untied_readout_starts_at_zero')
-MUP_TESTS = ['tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
+                 'test_untied_readout_starts_at_zero', 'test_router_and_fan_out_only_linear_are_classified_apart',
+                 'test_untied_readout_keeps_the_base_lr_and_is_read_out_with_one_over_m')
+MUP_TESTS = ['tests/test_output_weights.py', 'tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
              'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py']
 
 

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import TINY, make_gpt as make, tokens
+from gated_attention import HeadwiseGate
 from model import GPT, GPTConfig, MuPFlexAttention
 
 
@@ -148,9 +150,13 @@ def test_whole_model_agrees_across_backends():
 # ---- docs/mup.md invariant 1: muP at its base width is SP, exactly
 
 @pytest.mark.parametrize("layout", [dict(), dict(mup_base_head_dim=16)])
-def test_mup_equals_sp_at_base_width(layout):
-    sp = make(seed=3)
-    mup = make(seed=3, mup_base_width=64, **layout)
+@pytest.mark.parametrize("attn_cls, untied", [(MuPFlexAttention, False), (HeadwiseGate, True)])
+def test_mup_equals_sp_at_base_width(layout, attn_cls, untied):
+    """With an output weight (the headwise gate) and the untied readout too: every muP class is
+    the identity at the base width."""
+    tie = dict(tie_weights=not untied)
+    sp = make(seed=3, attn_cls=attn_cls, **tie)
+    mup = make(seed=3, attn_cls=attn_cls, mup_base_width=64, **tie, **layout)
     for (n1, p1), (n2, p2) in zip(sp.named_parameters(), mup.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     idx = tokens()
@@ -181,7 +187,7 @@ def test_output_multiplier_in_forward_with_and_without_targets():
     model.transformer.ln_f.register_forward_hook(lambda m, i, o: hidden.__setitem__('x', o))
     idx = tokens()
     logits, _ = model(idx, idx)
-    expected = model.lm_head(hidden['x']) * 3.0 / 4.0 # output_mult / m, m = 256 / 64
+    expected = F.linear(hidden['x'], model.lm_head.weight) * 3.0 / 4.0 # output_mult / m, m = 256 / 64
     # float32 rounding measured up to 1.4e-6 on logits of ~2.5 (4 ulp); a wrong multiplier is off by >= 25%
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
     last, _ = model(idx)
@@ -223,4 +229,4 @@ def test_init_std_scales_as_mup_says():
 def test_untied_readout_starts_at_zero():
     model = make(tie_weights=False, n_embd=128, mup_base_width=64)
     assert model.lm_head.weight.abs().max() == 0
-    assert model.mup_param_info['lm_head.weight'][0] == 'embedding'
+    assert model.mup_param_info['lm_head.weight'].kind == 'readout'
