@@ -82,7 +82,8 @@ FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_a
                  'test_hidden_matrices_go_to_muon_without_the_width_rule',
                  'test_subclass_parameters_are_classified_by_shape', 'test_graph_parameters_are_not_hidden_and_get_gradients',
                  'test_untied_readout_starts_at_zero', 'test_router_and_fan_out_only_linear_are_classified_apart',
-                 'test_untied_readout_keeps_the_base_lr_and_is_read_out_with_one_over_m')
+                 'test_untied_readout_keeps_the_base_lr_and_is_read_out_with_one_over_m',
+                 'test_an_output_weight_in_a_block_takes_the_depth_rules_of_a_hidden_matrix')
 MUP_TESTS = ['tests/test_output_weights.py', 'tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
              'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py']
 

@@ -109,3 +109,18 @@ def test_untied_readout_keeps_the_base_lr_and_is_read_out_with_one_over_m():
         gpt.lm_head.weight.normal_()
         x = torch.randn(2, 3, 256)
         assert torch.equal(gpt.lm_head(x), (x @ gpt.lm_head.weight.T) * (2.0 / 4.0))
+
+
+def test_an_output_weight_in_a_block_takes_the_depth_rules_of_a_hidden_matrix():
+    """CompleteP (docs/mup.md, depth): inside a residual branch the lr is x m_L^(alpha - 1) and
+    Adam's eps / (m_N m_L^alpha), for output weights as for hidden ones."""
+    gpt = make_gpt(attn_cls=HeadwiseGate, n_embd=256, mup_base_width=64, n_layer=2, mup_base_depth=1,
+                   mup_depth_alpha=0.5)
+    m, m_L = 4.0, 2.0
+    groups = gpt.configure_optimizers(0.1, 1e-3, (0.9, 0.99), 'cpu', eps=1e-8).param_groups
+    group_of = {id(p): g for g in groups for p in g['params']}
+    for p, expected_lr in ((gpt.transformer.h[0].attn.gate.weight, 1 / m), (gpt.transformer.h[0].mlp.c_fc.weight, 1 / m)):
+        group = group_of[id(p)]
+        assert group['lr_scale'] == pytest.approx(expected_lr * m_L ** -0.5)
+        assert group['eps'] == pytest.approx(1e-8 / (m * m_L ** 0.5))
+        assert group['weight_decay'] == pytest.approx(0.1 * m)
