@@ -27,10 +27,12 @@ nonzero g_diag, which needs g constant over every row's keys, gives a huge r_dia
 
 $ python analyze_jacobian.py                    # 4 layers x 4 heads x 128, 500 steps, then analyse
 $ python analyze_jacobian.py --attn_mod=sliding_window:16 --mup_base_width=64
-$ python analyze_jacobian.py --ckpt=out-shakespeare-char --batch_size=8   # a train.py out_dir
+$ python analyze_jacobian.py --ckpt=out-shakespeare-char --batch_size=8   # a train.py out_dir, its dataset
+$ python analyze_jacobian.py --attn_cls=gated_attention.py:HeadwiseGate   # your attention class
 Writes OUT/jacobian.json (every number) and OUT/jacobian.png (r_diag and cos_diag heatmaps).
 """
 
+import functools
 import json
 import os
 import pickle
@@ -44,9 +46,9 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-from configurator import configure
+from configurator import ConfigError, configure
 from attn_mods import attention_probs
-from model import GPT, GPTConfig, MuPFlexAttention, set_lr
+from model import GPT, GPTConfig, set_lr
 
 # -----------------------------------------------------------------------------
 # settings, each overridable with --key=value
@@ -54,6 +56,7 @@ steps = 500          # training steps from scratch (0: analyse the model at init
 batch_size = 32      # sequences per training batch and in the diagnostic batch
 mup_base_width = 0   # 0 = SP; otherwise muP relative to this width (docs/mup.md)
 attn_mod = 'causal'  # any attn_mods.ATTN_MODS entry: 'sliding_window:16', 'alibi', 'soft_cap:20', ...
+attn_cls = ''        # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
 device = 'auto'      # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
 out = 'out-jacobian' # where jacobian.json and jacobian.png go
 ckpt = ''            # a train.py out_dir: analyse its ckpt.pt instead of training
@@ -68,7 +71,7 @@ _PREPARE = os.path.join(_DATA_DIR, 'prepare.py')
 # verdict thresholds on the mean cos_diag of a layer (cos 0.9 is 26 degrees off the true gradient)
 _GOOD, _FAIR = 0.9, 0.7
 # the defaults of the settings that only make sense when training (--ckpt refuses them)
-_TRAINING_DEFAULTS = dict(steps=steps, mup_base_width=mup_base_width, attn_mod=attn_mod)
+_TRAINING_DEFAULTS = dict(steps=steps, mup_base_width=mup_base_width, attn_mod=attn_mod, attn_cls=attn_cls)
 
 # -----------------------------------------------------------------------------
 # the two backward rules and the statistics
@@ -115,24 +118,31 @@ def attention_stats(A, g, mask):
 # -----------------------------------------------------------------------------
 # the model: capture, data, training, checkpoint
 
-class CapturingAttention(MuPFlexAttention):
-    """The model's attention computed densely, keeping the probabilities A (after backward, A.grad
-    is dL/dA) and the mask they were computed under."""
-    def attend(self, q, k, v, mask):
-        self.probs = attention_probs(q, k, mask, self.active_score_mod(), self.scale)
-        self.probs.retain_grad()
-        self.mask = mask.expand(self.probs.shape)
-        return self.probs @ v
+def capturing(attn_cls):
+    """A subclass of the model's attention class (or a functools.partial of one) whose attend()
+    computes the attention densely and keeps the probabilities A (after backward, A.grad is
+    dL/dA) and the mask they were computed under. Everything else is the model's own class: a
+    subclass's parameters, mods and forward (a gate on the heads, say) are kept."""
+    if isinstance(attn_cls, functools.partial):
+        return functools.partial(capturing(attn_cls.func), *attn_cls.args, **attn_cls.keywords)
+
+    class CapturingAttention(attn_cls):
+        def attend(self, q, k, v, mask):
+            self.probs = attention_probs(q, k, mask, self.active_score_mod(), self.scale)
+            self.probs.retain_grad()
+            self.mask = mask.expand(self.probs.shape)
+            return self.probs @ v
+    return CapturingAttention
 
 def capture_attention(model, x, y):
     """One forward and backward of a capturing copy of `model` (same weights, dense backend, eval
     mode: no dropout). Returns the loss and, per layer, (A, dL/dA, mask), each (B, n_head, T, T)."""
-    twin = GPT(replace(model.config, attn_backend='dense'), CapturingAttention).to(x.device)
+    twin = GPT(replace(model.config, attn_backend='dense'), capturing(model.attn_cls)).to(x.device)
     twin.load_state_dict(model.state_dict())
     twin.eval()
     _, loss = twin(x, y)
     loss.backward()
-    attns = [m for m in twin.modules() if isinstance(m, CapturingAttention)]
+    attns = [block.attn for block in twin.transformer.h]
     return loss.item(), [(a.probs.detach(), a.probs.grad, a.mask) for a in attns]
 
 def analyze(model, x, y):
@@ -181,13 +191,18 @@ def train(model, data_dir, steps, batch_size, device):
     return loss.item()
 
 def load_checkpoint(ckpt_dir, device):
+    """(model, dataset): the model of a train.py out_dir, with its own attention class, and the
+    dataset it was trained on (shakespeare_char where the checkpoint does not say)."""
     path = os.path.join(ckpt_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise FileNotFoundError(f"ckpt={ckpt_dir!r}: {path} not found; point --ckpt at a train.py out_dir")
     checkpoint = checkpoints.read(ckpt_dir, device, required=('model', 'model_args'))
-    model = GPT(GPTConfig(**checkpoint['model_args']))
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+    except ValueError as e: # its attention class cannot be imported here, say
+        raise ConfigError(f"{path}: {e}") from None
     checkpoints.load_model(checkpoint, ckpt_dir, model)
-    return model.to(device)
+    return model.to(device), checkpoint.get('config', {}).get('dataset', 'shakespeare_char')
 
 # -----------------------------------------------------------------------------
 # output
@@ -265,19 +280,21 @@ def main(c):
         dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     refused = [k for k, default in _TRAINING_DEFAULTS.items() if c[k] != default]
     if c['ckpt'] and refused:
-        raise ValueError(f"--ckpt analyses the checkpoint's own model and trains nothing: drop "
+        raise ConfigError(f"--ckpt analyses the checkpoint's own model and trains nothing: drop "
                          f"{', '.join('--' + k for k in refused)}")
-    vocab_size = ensure_data()
     torch.manual_seed(_SEED)
     if not c['ckpt']:
+        vocab_size = ensure_data()
         model = GPT(GPTConfig(**_MODEL_ARGS, vocab_size=vocab_size, mup_base_width=c['mup_base_width'],
-                              attn_mod=c['attn_mod'])).to(dev)
+                              attn_mod=c['attn_mod'], attn_cls=c['attn_cls'])).to(dev)
         return run(model, _DATA_DIR, c['steps'], c['batch_size'], dev, c['out'])
-    model = load_checkpoint(c['ckpt'], dev)
-    if model.config.vocab_size != vocab_size:
-        raise ValueError(f"{c['ckpt']}: vocab_size {model.config.vocab_size}, but shakespeare_char has "
-                         f"{vocab_size}: this script analyses shakespeare_char models only")
-    return run(model, _DATA_DIR, 0, c['batch_size'], dev, c['out'])
+    model, dataset = load_checkpoint(c['ckpt'], dev)
+    data_dir = os.path.join('data', dataset) # relative to the working directory, as train.py's
+    if not os.path.exists(os.path.join(data_dir, 'val.bin')):
+        raise ConfigError(f"{c['ckpt']} was trained on dataset={dataset!r}, whose {data_dir}/val.bin is "
+                          f"not here: run from the directory it was trained in, or prepare it with "
+                          f"`python data/{dataset}/prepare.py`")
+    return run(model, data_dir, 0, c['batch_size'], dev, c['out'])
 
 if __name__ == '__main__':
     main(configure(globals(), sys.argv[1:]))

@@ -199,7 +199,7 @@ def mask_overheads(model, B, T, device, repeats=20):
     """What one training step spends on attention masks, as GPT.forward gets them: one per
     pattern, built once for masks that read no data (then fetched), every step for the others.
     The first fetch, which builds, is before the timing, as in a training run's later steps."""
-    patterns = {(type(block.attn), block.attn.attn_mod): block.attn for block in model.transformer.h}
+    patterns = {block.attn.pattern: block.attn for block in model.transformer.h}
     for attn in patterns.values():
         model.mask_for(attn, B, T, device)
     synchronize(device)

@@ -20,6 +20,7 @@ import pickle
 import re
 import shutil
 import warnings
+from dataclasses import asdict
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -27,10 +28,90 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from configurator import ConfigError, first_line
+from model import GPTConfig
 
 INTACT_COPY = ("use an intact copy: a numbered ckpt_<iter>.pt kept by train.py's keep_last_n, "
                "copied over ckpt.pt with `cp --remove-destination` (ckpt.pt is a hard link of the "
                "newest numbered file, which a plain cp would overwrite too)")
+
+
+TRAINING_STATE = ('model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config',
+                  'skipped_steps', 'data_rng_state', 'rng_states')
+
+
+def save(state, out_dir, model, optimizer, fsdp, is_master, keep_last_n):
+    """train.py's save: `state` (the settings, the iteration, the RNG states) with the model's and
+    the optimizer's state, written atomically by write(); under FSDP every process first writes
+    its shards into a new directory, which ckpt.pt then names (call it on every process then; on
+    the master alone otherwise). Returns the paths written (the master's; [] on the others)."""
+    checkpoint = dict(state)
+    if fsdp:
+        optimizers = getattr(optimizer, 'optimizers', [optimizer])
+        checkpoint['sharded'] = write_shards(out_dir, state['iter_num'], model, optimizers, is_master)
+    else:
+        checkpoint['model'] = model.state_dict()
+        checkpoint['optimizer'] = optimizer.state_dict()
+    if not is_master:
+        return []
+    saved = write(checkpoint, out_dir, keep_last_n)
+    if fsdp:
+        saved.append(os.path.join(out_dir, checkpoint['sharded']))
+    return saved
+
+
+def resume(out_dir, device, model_args, config, fsdp):
+    """The checkpoint train.py resumes, after checking that this run can continue it: the same
+    model settings (only attn_backend, another kernel for the same function, may change), the same
+    optimizer, and FSDP or not as it was saved. Returns (checkpoint, the other settings that
+    changed since, as 'key old -> new' strings). Each mismatch is a ConfigError that names it."""
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise ConfigError(f"init_from='resume', but {ckpt_path} does not exist: train with "
+                          f"init_from='scratch' first, or point --out_dir at the run to resume")
+    checkpoint = read(out_dir, device, TRAINING_STATE)
+    # a setting newer than the checkpoint has the default, which is how the model was built then
+    saved_args = {**asdict(GPTConfig()), **checkpoint['model_args']}
+    differences = []
+    for key, requested in model_args.items():
+        saved = saved_args[key]
+        if key != 'attn_backend' and saved != requested:
+            differences.append(f"  {key}: checkpoint {saved!r} vs requested {requested!r}")
+    if differences:
+        heading = f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:"
+        advice = ("Resume with the config file and flags of the run that wrote it (only "
+                  "attn_backend may change).")
+        raise ConfigError("\n".join([heading, *differences, advice]))
+    saved_fsdp = 'sharded' in checkpoint # what the file holds, whatever its run's flags said
+    if saved_fsdp != fsdp:
+        raise ConfigError(f"fsdp={fsdp}: {ckpt_path} was saved by a run with fsdp={saved_fsdp}, "
+                          f"whose model and optimizer state it holds in that run's layout; "
+                          f"resume with --fsdp={saved_fsdp} (at any number of processes under "
+                          f"FSDP; the model weights alone load either way, as sample.py does)")
+    saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
+    if saved_optimizer != config['optimizer']:
+        raise ConfigError(f"optimizer={config['optimizer']!r}: {ckpt_path} was trained with "
+                          f"optimizer={saved_optimizer!r}, whose state it holds; resume with that "
+                          f"optimizer")
+    changed = []
+    for key, saved in checkpoint['config'].items():
+        if key != 'init_from' and key in config and config[key] != saved:
+            changed.append(f"{key} {saved!r} -> {config[key]!r}")
+    return checkpoint, changed
+
+
+def restore(checkpoint, out_dir, model, optimizer):
+    """Load a checkpoint that resume() returned into the model and the optimizer, whole or each
+    process its shards (a collective then). The optimizer keeps this run's hyperparameters (lr,
+    weight decay, betas): only its state (moments, step counts) comes from the checkpoint."""
+    settings = [{key: value for key, value in group.items() if key != 'params'}
+                for group in optimizer.param_groups]
+    if 'sharded' in checkpoint:
+        load_shards(checkpoint, out_dir, model, getattr(optimizer, 'optimizers', [optimizer]))
+    else:
+        model.load_state_dict(checkpoint['model'])
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
 
 
 def read(out_dir, device, required=('model', 'model_args', 'config')):

@@ -203,3 +203,98 @@ def resolve_device(device):
         raise ConfigError(f"device={device!r}, but MPS is not available here: "
                           f"use --device=cpu (or auto)")
     return device
+
+
+# -----------------------------------------------------------------------------
+# Checks and settings the scripts share (train.py, sample.py, bench.py)
+
+def require(config, key, ok, must_be):
+    """A ConfigError `key=value: must be ...` unless ok; config holds the script's settings."""
+    if not ok:
+        raise ConfigError(f"{key}={config[key]!r}: must be {must_be}")
+
+
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+
+
+def resolve_dtype(dtype, device):
+    """The torch dtype a script's `dtype` setting (one of DTYPES) names on `device`: 'auto' is
+    bfloat16 on a GPU that supports it, float16 on an older GPU (train.py scales its loss then),
+    float32 on CPU and MPS (bf16 matmuls are slow on many CPUs)."""
+    import torch
+    if dtype == 'auto':
+        if torch.device(device).type != 'cuda':
+            dtype = 'float32'
+        elif torch.cuda.is_bf16_supported():
+            dtype = 'bfloat16'
+        else:
+            dtype = 'float16'
+    return {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+
+
+def autocast(device, ptdtype):
+    """The context the forward runs in: autocast to ptdtype, or nothing in float32."""
+    import torch
+    return torch.amp.autocast(device_type=torch.device(device).type, dtype=ptdtype,
+                              enabled=ptdtype != torch.float32)
+
+
+def prepare_command(dataset):
+    return f"`python data/{dataset}/prepare.py`"
+
+
+def read_meta(dataset):
+    """data/<dataset>/meta.pkl (vocab_size, and stoi/itos for char-level data) as a dict, or None
+    where the dataset has none (GPT-2 BPE). Paths are relative to the working directory, as
+    nanoGPT's. A file that cannot be read is a ConfigError naming it."""
+    import pickle
+    path = os.path.join('data', dataset, 'meta.pkl')
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, 'rb') as f:
+            meta = pickle.load(f)
+        vocab_size = meta['vocab_size']
+    except Exception as e: # the dataset's file is at fault, not our code: name the file
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {first_line(e)}): prepare "
+                          f"the dataset again with {prepare_command(dataset)}") from None
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ConfigError(f"{path}: vocab_size={vocab_size!r} is not a positive integer: prepare "
+                          f"the dataset again with {prepare_command(dataset)}")
+    return meta
+
+
+def check_token_files(dataset, block_size, vocab_size, has_meta):
+    """data/<dataset>/{train,val}.bin exist, hold uint16 tokens, more than block_size of them,
+    and none outside the vocabulary (else an IndexError on the CPU, a device-side assert on
+    CUDA, mid-training). One pass over each file at memory speed (a 300 MB file takes
+    milliseconds once cached). Each problem is a ConfigError that names the file and the fix."""
+    import numpy as np
+    meta_path = os.path.join('data', dataset, 'meta.pkl')
+    prepare = prepare_command(dataset)
+    if has_meta:
+        vocab_source = f"vocab_size in {meta_path}"
+        vocab_fix = (f"the .bin files and meta.pkl come from different preparations; prepare the "
+                     f"dataset again with {prepare}")
+    else:
+        vocab_source = f"GPT-2's, padded, as there is no {meta_path}"
+        vocab_fix = ("a dataset with another vocabulary needs a meta.pkl holding its vocab_size "
+                     "beside the .bin files, as data/shakespeare_char/prepare.py writes")
+    for split in ('train', 'val'):
+        path = os.path.join('data', dataset, f'{split}.bin')
+        if not os.path.exists(path):
+            raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare the dataset first "
+                              f"with {prepare} (offline: add --input PATH/TO/input.txt)")
+        n_bytes = os.path.getsize(path)
+        if n_bytes % 2:
+            raise ConfigError(f"{path} is {n_bytes} bytes, an odd number, so not a file of uint16 "
+                              f"tokens (2 bytes each): it is truncated or not from prepare.py; "
+                              f"prepare the dataset again with {prepare}")
+        n_tokens = n_bytes // 2
+        if n_tokens <= block_size:
+            raise ConfigError(f"block_size={block_size}: {path} holds only {n_tokens} tokens; a "
+                              f"training sequence needs block_size + 1 of them: lower block_size")
+        largest_token = int(np.memmap(path, dtype=np.uint16, mode='r').max())
+        if largest_token >= vocab_size:
+            raise ConfigError(f"{path} holds token id {largest_token}, but the vocabulary has only "
+                              f"{vocab_size} ids ({vocab_source}): {vocab_fix}")

@@ -84,11 +84,13 @@ def graph_tensors(graphs, num_nodes, num_edge_types, max_distance, device='cpu')
 
 class GraphAttention(MuPFlexAttention):
     """Attention over a graph (Graphormer-style edge encodings as per-head score biases).
-    GPT builds attention as attn_cls(config), so bind the graph-specific arguments with
-    functools.partial(GraphAttention, num_edge_types=..., max_distance=...): parameter shapes
-    then follow from the config and those arguments alone, as muP's shape comparison needs."""
+    GPT builds attention as attn_cls(config): the setting attn_cls='graph_attention:GraphAttention'
+    builds it with the default edge types and distances, and functools.partial(GraphAttention,
+    num_edge_types=..., max_distance=...) with others. Parameter shapes then follow from the
+    config and those arguments alone, as muP's shape comparison needs. It needs a graph at every
+    forward (set_graph), which train.py's text batches do not have: train it as this script does."""
 
-    def __init__(self, config, num_edge_types, max_distance):
+    def __init__(self, config, num_edge_types=2, max_distance=8):
         super().__init__(config)
         if config.attn_mod != 'causal':
             raise ValueError(f"attn_mod={config.attn_mod!r}: GraphAttention's mask and score come from the "

@@ -67,6 +67,8 @@ class GPTConfig:
     tie_weights: bool = True # lm_head shares wte; untied, the readout starts at zero
     attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
     attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
+    # the attention class: '' = MuPFlexAttention, or 'path/to/file.py:ClassName' | 'module:ClassName'
+    attn_cls: str = ''
 
     def __post_init__(self):
         """Checks in order, each only once those it relies on have passed, so that a bad value
@@ -99,11 +101,8 @@ class GPTConfig:
             raise ValueError(f"attn_backend={self.attn_backend!r}: use one of "
                              f"{', '.join(map(repr, ATTN_BACKENDS))}")
         for spec in self.attn_mod.split(','):
-            name, _ = parse_attn_mod(spec)
-            if self.attn_backend == 'sdpa' and name != 'causal':
-                raise ValueError(f"attn_mod={spec!r} with attn_backend='sdpa': SDPA runs plain "
-                                 f"causal attention only; use attn_backend='auto', 'flex' or "
-                                 f"'dense'")
+            parse_attn_mod(spec)
+        load_attn_cls(self.attn_cls) # a ValueError that names what is wrong with it
 
     @property
     def head_dim(self):
@@ -201,6 +200,15 @@ class MuPFlexAttention(nn.Module):
             self.alibi_slopes = nn.Parameter(alibi_slopes(config.n_head))
         elif name == 'alibi':
             self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
+        if self.backend == 'sdpa' and not self.is_plain_causal():
+            raise ValueError(f"attn_backend='sdpa' runs plain causal attention only, but "
+                             f"{type(self).__name__} with attn_mod={self.attn_mod!r} has a mask_mod "
+                             f"or score_mod: use attn_backend='auto', 'flex' or 'dense'")
+
+    @property
+    def pattern(self):
+        """What layers that share a mask have in common: the class and the attn_mod string."""
+        return (type(self), self.attn_mod)
 
     def catalog_mods(self):
         """The Mods (mask_mod, score_mod) of this module's attn_mod string."""
@@ -244,11 +252,7 @@ class MuPFlexAttention(nn.Module):
 
     def resolve_backend(self, device):
         """'auto': SDPA's fused kernels for plain causal attention; else flex on CUDA, and the
-        dense reference elsewhere (flex has no backward on CPU)."""
-        if self.backend == 'sdpa' and not self.is_plain_causal():
-            raise ValueError(f"attn_backend='sdpa' runs plain causal attention only, but "
-                             f"{type(self).__name__} has a mask_mod or score_mod of its own: use "
-                             f"attn_backend='auto', 'flex' or 'dense'")
+        dense reference elsewhere (flex has no backward on CPU). 'sdpa' was checked in __init__."""
         if self.backend != 'auto':
             return self.backend
         if self.is_plain_causal():
@@ -512,9 +516,14 @@ def load_attn_cls(spec):
 
 class GPT(nn.Module):
 
-    def __init__(self, config, attn_cls=MuPFlexAttention, _shapes_only=False):
+    def __init__(self, config, attn_cls=None, _shapes_only=False):
+        """attn_cls: the attention class, a MuPFlexAttention subclass (or a functools.partial of
+        one); None: the one config.attn_cls names (MuPFlexAttention by default), which is what a
+        checkpoint records."""
         super().__init__()
         self.config = config
+        if attn_cls is None:
+            attn_cls = load_attn_cls(config.attn_cls)
         self.attn_cls = attn_cls
         self.transformer = nn.ModuleDict(dict(
             wte = nn.Embedding(config.vocab_size, config.n_embd),
@@ -533,9 +542,6 @@ class GPT(nn.Module):
         self.static_masks = {}
         if _shapes_only: # a throwaway model on the meta device, only read for its parameter shapes
             return
-        if config.attn_backend == 'sdpa':
-            for block in self.transformer.h:
-                block.attn.resolve_backend(torch.device('cpu')) # a subclass's own mods: fail now
         self.mup_param_info = self._classify_params()
         self._init_weights()
 
@@ -654,7 +660,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.config.mup_input_mult * (tok_emb + pos_emb))
         masks = {} # one mask per attention pattern, built once and passed to its layers
         for i, block in enumerate(self.transformer.h):
-            pattern = (type(block.attn), block.attn.attn_mod)
+            pattern = block.attn.pattern
             if pattern not in masks:
                 masks[pattern] = self.mask_for(block.attn, b, t, idx.device, start)
             layer_cache = None
@@ -684,7 +690,7 @@ class GPT(nn.Module):
             return attn.make_mask(B, T, device, q_offset)
         if q_offset > 0:
             return attn.make_mask(None, T, device, q_offset)
-        key = (type(attn), attn.attn_mod, T, str(device))
+        key = (*attn.pattern, T, str(device))
         if key not in self.static_masks:
             self.static_masks[key] = attn.make_mask(None, T, device)
         return self.static_masks[key]
@@ -836,10 +842,9 @@ class GPT(nn.Module):
         asked = set()
         for block in self.transformer.h:
             attn = block.attn
-            pattern = (type(attn), attn.attn_mod)
-            if pattern in asked or attn.is_plain_causal():
+            if attn.pattern in asked or attn.is_plain_causal():
                 continue
-            asked.add(pattern)
+            asked.add(attn.pattern)
             mask_mod = lambda b, h, q_idx, kv_idx: attn.mask_mod(b, h, q_idx, kv_idx)
             heads = torch.arange(attn.n_head, device=device)
             try:

@@ -3,13 +3,13 @@ Sample from a trained model:
 $ python sample.py --out_dir=out-shakespeare-mup --start="ROMEO:" --num_samples=3
 """
 import os
-import pickle
 import sys
 
 import torch
 
 import checkpoints
-from configurator import ConfigError, configure, resolve_device
+from configurator import (DTYPES, ConfigError, autocast, configure, read_meta, require,
+                          resolve_device, resolve_dtype)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -22,24 +22,19 @@ temperature = 0.8 # 1.0 = no change, < 1.0 = less random, > 1.0 = more random; 0
 top_k = 200 # retain only the top_k most likely tokens, clamp others to 0 probability (0 = off)
 seed = 1337
 device = 'auto' # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto' # 'auto': bfloat16 where the GPU supports it, float32 elsewhere
+dtype = 'auto' # 'auto': bfloat16 where the GPU supports it, float16 on older GPUs, float32 off CUDA
 attn_backend = 'auto' # the training run's choice is a runtime detail; pick again here
 # -----------------------------------------------------------------------------
-configure(globals(), sys.argv[1:])
+config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------
 
 # every setting and input is checked, in order, before the model generates anything
-def require(key, ok, must_be):
-    if not ok:
-        raise ConfigError(f"{key}={globals()[key]!r}: must be {must_be}")
-
-require('num_samples', num_samples >= 1, 'an integer >= 1')
-require('batch_size', batch_size >= 1, 'an integer >= 1')
-require('max_new_tokens', max_new_tokens >= 0, 'an integer >= 0')
-require('temperature', 0 <= temperature < float('inf'), 'a finite number >= 0 (0 = greedy)')
-require('top_k', top_k >= 0, 'an integer >= 0 (0 = off)')
-require('dtype', dtype in ('auto', 'float32', 'bfloat16', 'float16'),
-        "'auto', 'float32', 'bfloat16' or 'float16'")
+require(config, 'num_samples', num_samples >= 1, 'an integer >= 1')
+require(config, 'batch_size', batch_size >= 1, 'an integer >= 1')
+require(config, 'max_new_tokens', max_new_tokens >= 0, 'an integer >= 0')
+require(config, 'temperature', 0 <= temperature < float('inf'), 'a finite number >= 0 (0 = greedy)')
+require(config, 'top_k', top_k >= 0, 'an integer >= 0 (0 = off)')
+require(config, 'dtype', dtype in DTYPES, "'auto', 'float32', 'bfloat16' or 'float16'")
 device = resolve_device(device) # 'auto' becomes cuda, mps or cpu
 
 # the prompt: the text of --start, or of the file it names
@@ -62,14 +57,7 @@ else:
     prompt_source = f"start={start!r}"
 
 torch.manual_seed(seed)
-device_type = torch.device(device).type # 'cuda', 'mps' or 'cpu', as autocast wants it
-if dtype == 'auto':
-    if device_type == 'cuda' and torch.cuda.is_bf16_supported():
-        dtype = 'bfloat16'
-    else:
-        dtype = 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = torch.amp.autocast(device_type=device_type, dtype=ptdtype, enabled=ptdtype != torch.float32)
+ctx = autocast(device, resolve_dtype(dtype, device))
 
 # model
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -77,27 +65,20 @@ if not os.path.exists(ckpt_path):
     raise ConfigError(f"out_dir={out_dir!r}: no checkpoint at {ckpt_path}: train first "
                       f"(python train.py ...) or pass --out_dir=<the train.py out_dir>")
 checkpoint = checkpoints.read(out_dir, device)
-try:
-    gptconf = GPTConfig(**{**checkpoint['model_args'], 'attn_backend': attn_backend})
+try: # the model as trained (its attention class too), on this run's attention backend
+    model = GPT(GPTConfig(**{**checkpoint['model_args'], 'attn_backend': attn_backend}))
 except ValueError as e:
-    raise ConfigError(str(e)) from None
-model = GPT(gptconf)
+    raise ConfigError(f"{ckpt_path}: {e}") from None
 checkpoints.load_model(checkpoint, out_dir, model)
 model.eval()
 model.to(device)
 
 # encoding: the dataset's meta.pkl for char-level data, GPT-2 BPE otherwise
 dataset = checkpoint['config'].get('dataset', '')
-meta_path = os.path.join('data', dataset, 'meta.pkl')
-if dataset and os.path.exists(meta_path):
-    print(f"Loading meta from {meta_path}...")
-    try:
-        with open(meta_path, 'rb') as f:
-            meta = pickle.load(f)
-        stoi, itos = meta['stoi'], meta['itos']
-    except Exception as e: # the dataset's file is at fault, not our code: name the file
-        raise ConfigError(f"{meta_path} cannot be read ({type(e).__name__}: {e}): prepare the "
-                          f"dataset again with `python data/{dataset}/prepare.py`") from None
+meta = read_meta(dataset) if dataset else None
+if meta is not None:
+    print(f"Loading meta from data/{dataset}/meta.pkl...")
+    stoi, itos = meta['stoi'], meta['itos']
     unknown = sorted(set(prompt) - set(stoi))
     if unknown:
         raise ConfigError(f"{prompt_source} contains characters not in the {dataset} "

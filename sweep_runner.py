@@ -26,6 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from configurator import ConfigError
+from model import load_attn_cls
+
 _TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 # The reference setup of docs/mup-study.md: what every run of a study shares unless the study
@@ -49,6 +52,7 @@ REFERENCE = dict(
     optimizer='adamw',
     muon_lr_mult=1.0,
     muon_momentum=0.95,
+    attn_cls='', # your attention class for every run: 'path/to/file.py:ClassName' or 'module:ClassName'
 )
 NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02) # train.py's defaults
 MUP_HPARAMS = ('log2_lr', *NEUTRAL) # the muTransfer hyperparameters of every run (Muon's lr multiplier aside)
@@ -62,7 +66,8 @@ _KEYED = ('adam_eps', 'base_width', 'batch_size', 'block_size', 'dataset', 'eval
 _MUP_ONLY = ('base_width', 'mup_scale_weight_decay', 'mup_hidden_lr_exponent') # an SP run ignores them
 # settings that came after runs were recorded: at these values a run keeps the key it had before
 # they existed, so the recorded studies stay valid
-_LATER = dict(mup_base_depth=0, mup_depth_alpha=1.0, optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95)
+_LATER = dict(mup_base_depth=0, mup_depth_alpha=1.0, optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95,
+              attn_cls='')
 _STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
 
 
@@ -141,7 +146,12 @@ class Runner:
 
     def __init__(self, path, fixed, seeds, jobs=1, threads=1, reuse=False):
         """fixed: the settings every run shares (REFERENCE's and the device); each setting is run
-        once per seed in `seeds` and scored by its mean val loss; threads: OMP threads per run."""
+        once per seed in `seeds` and scored by its mean val loss; threads: OMP threads per run. A
+        bad attention class stops here, with one line, before any run."""
+        try:
+            load_attn_cls(fixed['attn_cls'])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.path, self.fixed, self.seeds = path, fixed, seeds
         self.jobs, self.threads, self.reuse = jobs, threads, reuse
         self.records = {} # key -> record: what the file holds, and this session's runs once measured

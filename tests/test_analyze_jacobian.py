@@ -11,7 +11,7 @@ import torch
 
 import analyze_jacobian as aj
 from conftest import make_gpt, tokens
-from model import GPT
+from model import GPT, MuPFlexAttention
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -110,7 +110,7 @@ def test_captured_probs_match_the_model_forward(attn_mod):
 def test_captured_gradient_is_dloss_dprobs_by_finite_differences():
     """g = A.grad must be dL/dA: nudge one probability of the last layer by +-eps (adding
     eps * v[key] to that query's output) and compare the change of the loss."""
-    class Nudged(aj.CapturingAttention):
+    class Nudged(aj.capturing(MuPFlexAttention)):
         nudge = 0.0
         def attend(self, q, k, v, mask):
             out = super().attend(q, k, v, mask)
@@ -144,7 +144,8 @@ def test_checkpoint_is_loaded_with_a_backend_that_captures(tmp_path):
     model = make(attn_backend='sdpa')
     args = dataclasses.asdict(model.config) # as train.py saves them
     torch.save({'model': model.state_dict(), 'model_args': args, 'iter_num': 3}, tmp_path / 'ckpt.pt')
-    loaded = aj.load_checkpoint(str(tmp_path), 'cpu')
+    loaded, dataset = aj.load_checkpoint(str(tmp_path), 'cpu')
+    assert dataset == 'shakespeare_char' # a checkpoint without train.py's config
     for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(p, q), name
     loss, stats = aj.analyze(loaded, tokens(T=16), tokens(T=16, seed=2))
@@ -154,7 +155,7 @@ def test_checkpoint_is_loaded_with_a_backend_that_captures(tmp_path):
 
 
 def test_ckpt_refuses_training_settings():
-    config = dict(steps=500, batch_size=32, mup_base_width=0, attn_mod='alibi', device='cpu',
+    config = dict(steps=500, batch_size=32, mup_base_width=0, attn_mod='alibi', attn_cls='', device='cpu',
                   out='unused', ckpt='some_out_dir')
     with pytest.raises(ValueError, match='drop --attn_mod'):
         aj.main(config)

@@ -1,7 +1,11 @@
 """Bad input never trains silently: every class of configuration or input error stops train.py
 and sample.py before any work, with one line that names the key or file, the problem and the
 fix, no traceback, and a non-zero exit. So does a checkpoint that cannot be written (a full
-disk), keeping the last good one. A real bug still shows its traceback."""
+disk), keeping the last good one. A real bug still shows its traceback.
+
+That a ConfigError reaches the user as that one line is checked in subprocesses, as a user runs
+the scripts (one_line_error); which error each bad input raises is checked in this process
+(stops_with), since a subprocess spends seconds importing torch for each."""
 import ast
 import os
 import pickle
@@ -12,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script
+from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script, stops_with
 
 
 def error_line(proc):
@@ -49,16 +53,22 @@ def one_line_error(proc):
     ('--block_size=5000', 'block_size=5000: data/tiny/val.bin holds only'),
     ('--n_embd=33', 'n_embd=33 is not divisible by n_head=2'),
     ('--attn_mod=soft_cap:inf', "attn_mod='soft_cap:inf': write a cap, a positive finite number"),
+    ('--attn_cls=nowhere.py:Attention', "attn_cls='nowhere.py:Attention': nowhere.py not found"),
+    ('--attn_cls=model:GPT', "attn_cls='model:GPT': GPT is not a subclass of model.MuPFlexAttention"),
 ])
-def test_bad_settings_stop_train_py_with_one_line(workdir, flag, wanted):
-    assert wanted in one_line_error(run_script('train.py', *TINY_TRAIN, flag, cwd=workdir))
+def test_bad_settings_stop_train_py_with_one_line(workdir, monkeypatch, flag, wanted):
+    assert wanted in stops_with('train.py', *TINY_TRAIN, flag, cwd=workdir, monkeypatch=monkeypatch)
 
 
-def test_torchrun_without_enough_accumulation_says_what_to_pass(workdir):
-    proc = run_script('train.py', *TINY_TRAIN, '--gradient_accumulation_steps=3', cwd=workdir,
-                      env={**SCRIPT_ENV, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'})
-    wanted = 'gradient_accumulation_steps=3: must be a multiple of the number of processes (2)'
-    assert wanted in one_line_error(proc)
+def test_a_bad_setting_reaches_the_user_as_one_line_and_a_nonzero_exit(workdir):
+    wanted = "optimizer='sgd': must be 'adamw' or 'muon'"
+    assert wanted in one_line_error(run_script('train.py', *TINY_TRAIN, '--optimizer=sgd', cwd=workdir))
+
+
+def test_torchrun_without_enough_accumulation_says_what_to_pass(workdir, monkeypatch):
+    line = stops_with('train.py', *TINY_TRAIN, '--gradient_accumulation_steps=3', cwd=workdir, monkeypatch=monkeypatch,
+                      env={'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'})
+    assert 'gradient_accumulation_steps=3: must be a multiple of the number of processes (2)' in line
 
 
 def test_the_docstring_torchrun_commands_pass_the_accumulation_they_need():
@@ -82,10 +92,10 @@ def test_a_config_file_with_a_syntax_error_names_the_file_and_line(workdir, tmp_
     assert f"config file {bad}, line 2: SyntaxError" in line
 
 
-def test_a_config_file_that_raises_names_the_file_and_line(workdir, tmp_path):
+def test_a_config_file_that_raises_names_the_file_and_line(workdir, tmp_path, monkeypatch):
     bad = tmp_path / 'bad.py'
     bad.write_text("import math\nbatch_size = 8\nlearning_rate = math.sqrt(-1)\n")
-    line = one_line_error(run_script('train.py', str(bad), cwd=workdir))
+    line = stops_with('train.py', str(bad), cwd=workdir, monkeypatch=monkeypatch)
     assert f"config file {bad}, line 3: ValueError: math domain error" in line
 
 
@@ -138,12 +148,12 @@ def unreadable_meta(data):
 @pytest.mark.parametrize('damage', [odd_size, token_of_vocab_size('train'), token_of_vocab_size('val'),
                                     gpt2_data_with_a_token_past_50304, unreadable_meta],
                          ids=['odd_size', 'train_token', 'val_token', 'gpt2_token', 'bad_meta'])
-def test_a_bad_dataset_file_stops_train_py_naming_the_file(workdir, tmp_path, damage):
+def test_a_bad_dataset_file_stops_train_py_naming_the_file(workdir, tmp_path, monkeypatch, damage):
     """Data that would crash mid-training (a memmap error, an IndexError, on CUDA a device-side
     assert) is found before training; the message names the file and how to prepare it again."""
     shutil.copytree(workdir / 'data' / 'tiny', tmp_path / 'data' / 'tiny')
     wanted = damage(tmp_path / 'data' / 'tiny').replace(f'{tmp_path}/', '') # as train.py names it
-    line = one_line_error(run_script('train.py', *TINY_TRAIN, '--max_iters=2', cwd=tmp_path))
+    line = stops_with('train.py', *TINY_TRAIN, '--max_iters=2', cwd=tmp_path, monkeypatch=monkeypatch)
     assert wanted in line
     assert 'python data/tiny/prepare.py' in line or 'meta.pkl holding its vocab_size' in line
 
@@ -201,9 +211,9 @@ def test_a_full_disk_at_a_save_removes_the_partial_file_and_keeps_the_last_check
     ('--num_samples=0', 'num_samples=0: must be an integer >= 1'),
     ('--start=ROMEO\u00e9', 'contains characters not in the tiny vocabulary'),
 ])
-def test_bad_settings_stop_sample_py_with_one_line(workdir, trained, flag, wanted):
-    proc = run_script('sample.py', f'--out_dir={trained}', '--device=cpu', flag, cwd=workdir)
-    assert wanted in one_line_error(proc)
+def test_bad_settings_stop_sample_py_with_one_line(workdir, trained, monkeypatch, flag, wanted):
+    assert wanted in stops_with('sample.py', f'--out_dir={trained}', '--device=cpu', flag, cwd=workdir,
+                                monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize('text, wanted', [
@@ -211,11 +221,11 @@ def test_bad_settings_stop_sample_py_with_one_line(workdir, trained, flag, wante
     ('ROMEO\u00e9'.encode(), "contains characters not in the tiny vocabulary: ['\u00e9']"),
     ('ROMEO\u00e9 night'.encode('latin-1'), 'is not UTF-8 text (invalid continuation byte at byte 5)'),
 ], ids=['empty', 'unknown_character', 'not_utf8'])
-def test_a_bad_prompt_file_stops_sample_py_naming_it(workdir, trained, tmp_path, text, wanted):
+def test_a_bad_prompt_file_stops_sample_py_naming_it(workdir, trained, tmp_path, monkeypatch, text, wanted):
     prompt = tmp_path / 'prompt.txt'
     prompt.write_bytes(text)
-    proc = run_script('sample.py', f'--out_dir={trained}', '--device=cpu', f'--start=FILE:{prompt}', cwd=workdir)
-    line = one_line_error(proc)
+    line = stops_with('sample.py', f'--out_dir={trained}', '--device=cpu', f'--start=FILE:{prompt}', cwd=workdir,
+                      monkeypatch=monkeypatch)
     assert f"the prompt file '{prompt}'" in line and wanted in line
 
 
@@ -224,6 +234,7 @@ def test_a_bad_prompt_file_stops_sample_py_naming_it(workdir, trained, tmp_path,
     ('foreign', 'is not a checkpoint of train.py (missing model, model_args, config)'),
 ])
 def test_a_broken_checkpoint_stops_sample_py_naming_it(workdir, tmp_path, damage, wanted):
+    """In a subprocess: sample.py's one-line errors reach the user as train.py's do."""
     ckpt = tmp_path / 'out' / 'ckpt.pt'
     ckpt.parent.mkdir()
     if damage == 'garbage':

@@ -168,8 +168,9 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     sampled = ok(run_script('sample.py', f'--out_dir={cut_dir}', '--device=cpu', '--num_samples=1',
                             '--max_new_tokens=20', cwd=workdir))
     assert sampled.count('---------------') == 1
-    from analyze_jacobian import load_checkpoint # its --ckpt path (the analysis wants shakespeare_char)
-    model = load_checkpoint(str(cut_dir), 'cpu')
+    from analyze_jacobian import load_checkpoint # its --ckpt path
+    model, dataset = load_checkpoint(str(cut_dir), 'cpu')
+    assert dataset == 'tiny'
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     dcp_to_torch_save(sharded_directory(cut_dir), workdir / 'fsdp-killed-whole.pt')
     whole = torch.load(workdir / 'fsdp-killed-whole.pt', weights_only=False)['model']

@@ -72,7 +72,10 @@ def test_optimizer_groups_carry_lr_scale():
     (dict(n_embd=60, n_head=8), 'n_embd=60 is not divisible by n_head=8'),
     (dict(n_layer=0), 'n_layer=0 must be positive'),
     (dict(n_head=0), 'n_head=0 must be positive'), # checked before n_embd % n_head divides by it
-    (dict(attn_mod='alibi', attn_backend='sdpa'), 'SDPA runs plain causal attention only'),
+    (dict(attn_mod='alibi', attn_backend='sdpa'), "attn_backend='sdpa' runs plain causal attention only"),
+    (dict(attn_cls='nowhere.py:Attention'), "attn_cls='nowhere.py:Attention': nowhere.py not found"),
+    (dict(attn_cls='math:pi'), 'pi is not a subclass of model.MuPFlexAttention'),
+    (dict(attn_cls='gated_attention'), "write 'path/to/file.py:ClassName' or 'module:ClassName'"),
     (dict(mup_base_width=30), 'mup_base_width=30 is not divisible by n_head=4'),
     (dict(mup_base_width=64, mup_base_head_dim=24), 'mup_base_head_dim=24'),
     (dict(mup_base_head_dim=16), 'set mup_base_width too'),
@@ -83,7 +86,7 @@ def test_optimizer_groups_carry_lr_scale():
 ])
 def test_impossible_configs_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field.replace('(', r'\(').replace(')', r'\)')):
-        GPTConfig(**{**TINY, **kw})
+        GPT(GPTConfig(**{**TINY, **kw}))
 
 
 # ---- attention backends: one set of mods, three implementations
@@ -133,7 +136,7 @@ def test_auto_backend_choice():
     class Windowed(MuPFlexAttention): # a subclass's own mask: known when the model is built
         def mask_mod(self, b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < 4)
-    with pytest.raises(ValueError, match="Windowed has a mask_mod or score_mod of its own"):
+    with pytest.raises(ValueError, match="Windowed with attn_mod='causal' has a mask_mod or score_mod"):
         GPT(GPTConfig(**{**TINY, 'attn_backend': 'sdpa'}), Windowed)
 
 

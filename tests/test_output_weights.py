@@ -10,8 +10,6 @@ values), widths 64..512 around a base of 64, 1 layer. The statistic is mean|x W_
 pre-activation, and its change since init, after the last step; slopes against log2 width,
 measured over seeds 0-2: muP -0.08..0.07 (change -0.02..0.17), SP 0.68..0.75, and the gate treated
 as an input weight (this project's bug before) 1.05..1.21: at width 512 its sigmoids saturate."""
-import math
-
 import pytest
 import torch
 import torch.nn as nn

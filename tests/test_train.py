@@ -3,8 +3,9 @@ scripts, as a user runs them."""
 import re
 
 import pytest
+import torch
 
-from conftest import TINY_TRAIN as TINY_MODEL, ok, run_script
+from conftest import ROOT, TINY_TRAIN as TINY_MODEL, ok, run_script
 
 
 def run(script, *args, cwd):
@@ -72,3 +73,50 @@ def test_help_lists_every_model_setting_once_and_nothing_internal(tmp_path):
     assert {f.name for f in fields(GPTConfig)} - set(keys) == {'vocab_size'} # from the dataset
     assert {'optimizer', 'muon_lr_mult', 'learning_rate', 'compile'} <= set(keys)
     assert not [k for k in keys if 'keys' in k or k.startswith('_')]
+    # nanoGPT's model size and dropout/bias are train.py's own defaults; every other model setting
+    # starts where GPTConfig does
+    defaults = dict(re.findall(r'^  --(\w+)=(.*?)  #', out, flags=re.M))
+    own = {'n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'bias'}
+    for field in fields(GPTConfig):
+        if field.name not in own | {'vocab_size'}:
+            assert defaults[field.name] == repr(field.default), field.name
+
+
+def readme_attention_example():
+    """The README's RelativeBias example, as a user saves it to a file."""
+    with open(f'{ROOT}/README.md') as f:
+        readme = f.read()
+    return re.search(r"```python\n(.*?class RelativeBias\(MuPFlexAttention\).*?)```", readme, flags=re.S)[1]
+
+
+def test_the_readme_attention_class_is_a_setting_of_every_script(workdir):
+    """Saved to a file, the README's subclass is trained, resumed, sampled and analysed with
+    --attn_cls alone: the checkpoint records it, and sample.py and analyze_jacobian.py build it
+    from there. Without it the resume is refused, naming it; gone, it is a one-line error."""
+    (workdir / 'relative_bias.py').write_text(readme_attention_example())
+    attn_cls = '--attn_cls=relative_bias.py:RelativeBias'
+    out_dir = workdir / 'out-relative-bias'
+    out = run('train.py', *TINY_MODEL, attn_cls, '--max_iters=20', '--eval_interval=10', f'--out_dir={out_dir}',
+              cwd=workdir)
+    assert 'attention RelativeBias, causal on the dense backend' in out
+    saved = torch.load(out_dir / 'ckpt.pt', weights_only=False)
+    assert saved['model_args']['attn_cls'] == 'relative_bias.py:RelativeBias'
+    assert 'transformer.h.0.attn.rel_bias' in saved['model']
+    resumed = run('train.py', *TINY_MODEL, attn_cls, '--max_iters=30', '--eval_interval=10', f'--out_dir={out_dir}',
+                  '--init_from=resume', cwd=workdir)
+    assert re.findall(r'^iter (\d+):', resumed, flags=re.M)[0] == '20'
+    refused = run_script('train.py', *TINY_MODEL, '--max_iters=40', f'--out_dir={out_dir}', '--init_from=resume',
+                         cwd=workdir)
+    assert refused.returncode != 0 and "attn_cls: checkpoint 'relative_bias.py:RelativeBias' vs requested ''" in refused.stderr
+    sampled = run('sample.py', f'--out_dir={out_dir}', '--device=cpu', '--num_samples=1', '--max_new_tokens=20',
+                  '--start=ROMEO', cwd=workdir)
+    assert sampled.count('---------------') == 1
+    analysed = run('analyze_jacobian.py', f'--ckpt={out_dir}', '--batch_size=4', f'--out={workdir / "jacobian"}',
+                   '--device=cpu', cwd=workdir)
+    assert 'cos_diag' in analysed and (workdir / 'jacobian' / 'jacobian.json').exists()
+    (workdir / 'relative_bias.py').rename(workdir / 'moved.py')
+    gone = run_script('sample.py', f'--out_dir={out_dir}', '--device=cpu', cwd=workdir)
+    assert gone.returncode != 0 and 'Traceback' not in gone.stderr
+    assert gone.stderr.strip().splitlines() == [f"error: {out_dir / 'ckpt.pt'}: attn_cls='relative_bias.py:RelativeBias': "
+                                                f"relative_bias.py not found (from {workdir}); give its path from the "
+                                                f"working directory, or an absolute one"]
