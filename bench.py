@@ -31,7 +31,8 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from configurator import ConfigError, configure, first_line, resolve_device
+from configurator import (DTYPES, ConfigError, autocast, configure, first_line, require, resolve_device,
+                          resolve_dtype)
 from attn_mods import ATTN_MODS, parse_attn_mod
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
@@ -69,7 +70,7 @@ gpu_batch_size = 12 # GPT-2 124M as nanoGPT trains it: 12 x 1024 tokens per micr
 warmup = 3 # untimed steps per row first (compilation, mask building, allocator warm-up)
 iters = 10 # timed steps per row; the median is reported
 device = 'auto' # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
-dtype = 'auto' # 'auto': bfloat16 on CUDA where supported, float32 elsewhere
+dtype = 'auto' # 'auto': as train.py (bfloat16 on CUDA where supported, float16 on older GPUs, float32 elsewhere)
 seed = 1337
 out_file = 'bench.json'
 # -----------------------------------------------------------------------------
@@ -133,11 +134,6 @@ def time_interleaved(fns, device, warmup, iters):
     return times
 
 
-def amp_context(device, ptdtype):
-    """Autocast to ptdtype, as train.py trains in it; nothing in float32."""
-    return torch.amp.autocast(device_type=device.type, dtype=ptdtype, enabled=ptdtype != torch.float32)
-
-
 def paired_ratio(times, reference):
     """Median over rounds of time / reference time in the same round: a load change between
     rounds cancels, unlike in a ratio of medians."""
@@ -159,7 +155,7 @@ def train_rows(cfg, backends, parameterizations, compiles, batch_size, device, p
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1), generator=g).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    ctx = amp_context(device, ptdtype)
+    ctx = autocast(device, ptdtype)
     steps, models = {}, {}
     for row in rows:
         direct = row['backend'] == 'sdpa-direct'
@@ -301,7 +297,7 @@ def decode_rows(block_sizes, mods, prompt_len, new_tokens, device, ptdtype, n_la
     the KV cache and recomputing the (cropped) context every step, side by side for every block size,
     mod and backend. Both give the same tokens within block_size (tests/test_kv_cache.py)."""
     rows = []
-    ctx = amp_context(device, ptdtype)
+    ctx = autocast(device, ptdtype)
     for block in block_sizes:
         for spec in mods:
             for backend in backends:
@@ -455,6 +451,7 @@ def check_settings():
 if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:])
     check_settings()
+    require(config, 'dtype', dtype in DTYPES, "'auto', 'float32', 'bfloat16' or 'float16'")
     device = torch.device(resolve_device(device))
     if attn_backend != 'all' and 'train' in modes and not trains_here(attn_mod, attn_backend, device):
         applies = [b for b in BACKENDS if trains_here(attn_mod, b, device)]
@@ -464,9 +461,8 @@ if __name__ == '__main__':
         raise ConfigError(f"modes=gpu needs a CUDA device (flex's fused kernels, flash attention, bf16 GPT-2 "
                           f"124M), but this run is on {device.type}: run the gpu mode on a machine with a "
                           f"GPU, or drop it from --modes")
-    if dtype == 'auto':
-        dtype = 'bfloat16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'float32'
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+    ptdtype = resolve_dtype(dtype, device) # as train.py trains
+    dtype = str(ptdtype).removeprefix('torch.')
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     compiles = {'False': [False], 'True': [True], 'both': [False, True]}[compile]

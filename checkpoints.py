@@ -14,6 +14,9 @@ leaves the previous checkpoint whole, with its directory, which no save overwrit
 that neither ckpt.pt nor a numbered ckpt_<iter>.pt names any more (the previous save's, or a save
 killed half-way) are removed after the next save. A sharded checkpoint is ckpt.pt and the
 directory it names: copy both. Across nodes out_dir must be on a filesystem they all share.
+
+torch.distributed.checkpoint is imported by the functions that read or write shards: it takes a
+second to import, which every run without FSDP (and every test that starts one) would pay.
 """
 import os
 import pickle
@@ -23,9 +26,6 @@ import warnings
 from dataclasses import asdict
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from configurator import ConfigError, first_line
 from model import GPTConfig
@@ -165,6 +165,7 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
     process."""
     # a name no earlier save used, even one of the same iter (a run started again in this
     # out_dir, or resumed from an older copy): the master draws it, every process writes there
+    import torch.distributed.checkpoint as dcp
     names = [f'ckpt_{iter_num:06d}_{os.urandom(4).hex()}.dcp' if is_master else None]
     torch.distributed.broadcast_object_list(names, src=0)
     directory = os.path.join(out_dir, names[0])
@@ -186,6 +187,7 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
 def load_shards(checkpoint, out_dir, model, optimizers):
     """FSDP resume: each process reads its shards of the model and of the optimizer state (a
     collective). The optimizers' hyperparameters come back as saved; the caller restores its own."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     state = shard_state(model, optimizers)
     read_shards(state, out_dir, checkpoint['sharded'])
     set_model_state_dict(model, state['model'])
@@ -195,6 +197,7 @@ def load_shards(checkpoint, out_dir, model, optimizers):
 def shard_state(model, optimizers):
     """This process's shards of the model and of the optimizer state, as write_shards saves them
     and load_shards reads them in place."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     return {'model': get_model_state_dict(model),
             'optimizer': get_optimizer_state_dict(model, optimizers)}
 
@@ -202,6 +205,7 @@ def shard_state(model, optimizers):
 def read_shards(state, out_dir, name, no_dist=False):
     """dcp.load of out_dir/name into `state`; a shard file that is gone or unreadable is a
     ConfigError (on every process) that names the directory."""
+    import torch.distributed.checkpoint as dcp
     directory = os.path.join(out_dir, name)
     try:
         dcp.load(state, checkpoint_id=directory, no_dist=no_dist)

@@ -3,7 +3,8 @@ What train.py needs to run as one of several processes under torchrun, as plain 
 process group and its teardown, DDP or FSDP2 wrapping, the gradient-sync switch of gradient
 accumulation, the one all-reduce of each step's statistics, and every process's RNG states for
 checkpoints. A plain `python train.py` is one process of rank 0, and each function then does
-nothing or the obvious.
+nothing or the obvious. FSDP's modules are imported where FSDP is used: they take most of a
+second to import, which every other run, and every test that starts train.py, would pay.
 """
 
 import gc
@@ -14,8 +15,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.distributed import destroy_process_group, init_process_group
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 
@@ -59,6 +58,7 @@ def shard(model, ptdtype):
     sharded across the processes and gathers them only for its forward and backward. bf16
     compute with fp32 gradient reduction when training in bf16, fp32 otherwise. The muP param
     groups were decided by name before (GPT._classify_params), so sharding changes none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if ptdtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -80,7 +80,7 @@ def sync_gradients(model, sync):
     FSDP's reduce-scatter): only on the last micro-step of gradient accumulation. `model` is
     what the loop calls, compiled or not."""
     module = getattr(model, '_orig_mod', model) # under torch.compile
-    if isinstance(module, FSDPModule):
+    if hasattr(module, 'set_requires_gradient_sync'): # an FSDPModule
         module.set_requires_gradient_sync(sync)
     elif isinstance(module, DDP):
         module.require_backward_grad_sync = sync
@@ -94,21 +94,23 @@ def sum_over_processes(values, procs):
     return values.tolist()
 
 
+def local(tensor):
+    """This process's part of a tensor: under FSDP a DTensor, whose to_local() is its shard."""
+    if hasattr(tensor, 'to_local'):
+        return tensor.to_local()
+    return tensor
+
+
 def item(tensor):
     """A scalar tensor's value; for a DTensor (FSDP), the value over all its shards."""
-    if isinstance(tensor, DTensor):
+    if hasattr(tensor, 'full_tensor'):
         return tensor.full_tensor().item()
     return tensor.item()
 
 
 def local_megabytes(tensors):
     """The memory these tensors take on this process: under FSDP, its shards only."""
-    total = 0
-    for t in tensors:
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        total += t.numel() * t.element_size()
-    return total / 2**20
+    return sum(local(t).numel() * local(t).element_size() for t in tensors) / 2**20
 
 
 def optimizer_state(optimizers):
@@ -119,13 +121,7 @@ def optimizer_state(optimizers):
 
 def local_grads(parameters):
     """Each parameter's gradient as this process holds it (under FSDP its shard), None where it has none."""
-    grads = []
-    for p in parameters:
-        grad = p.grad
-        if isinstance(grad, DTensor):
-            grad = grad.to_local()
-        grads.append(grad)
-    return grads
+    return [None if p.grad is None else local(p.grad) for p in parameters]
 
 
 def rng_states(procs, device):

@@ -27,8 +27,6 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from torch.nn.attention.bias import causal_lower_right
-
 from attn_mods import (ATTN_MODS, alibi_slopes, causal, dense_attention, dense_mask, parse_attn_mod,
                        vmap_bhqkv)
 from muon import Muon
@@ -292,8 +290,9 @@ class MuPFlexAttention(nn.Module):
                                                       dropout_p=dropout_p)
             # is_causal aligns the mask's top-left corners: a query after cached keys would see
             # only the first keys. Its position is at the bottom right.
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk),
-                                                  scale=self.scale, dropout_p=dropout_p)
+            lower_right = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=self.scale,
+                                                  dropout_p=dropout_p)
         if isinstance(mask, BlockMask):
             if q.device.type == 'cuda' and Tq == Tk:
                 flex = compiled_flex_attention()
@@ -478,13 +477,12 @@ def fan_in_dim(param, owner):
     return 1
 
 
-@functools.cache
 def load_attn_cls(spec):
     """The attention class that a setting names: 'path/to/file.py:ClassName' (a path relative to
     the working directory, or absolute) or 'module:ClassName' (importable, e.g.
-    'graph_attention:GraphAttention'); '' is MuPFlexAttention. Loaded once per spec. A ValueError
-    names what is wrong: the spec's form, a missing file, a failed import, a missing class, or a
-    class that is not a MuPFlexAttention subclass."""
+    'graph_attention:GraphAttention'); '' is MuPFlexAttention. A file is imported once per
+    absolute path. A ValueError names what is wrong: the spec's form, a missing file, a failed
+    import, a missing class, or a class that is not a MuPFlexAttention subclass."""
     if not spec:
         return MuPFlexAttention
     where, _, class_name = spec.rpartition(':')
@@ -495,13 +493,7 @@ def load_attn_cls(spec):
         raise ValueError(f"attn_cls={spec!r}: {where} not found (from {os.getcwd()}); give its "
                          f"path from the working directory, or an absolute one")
     try:
-        if where.endswith('.py'):
-            module_name = os.path.splitext(os.path.basename(where))[0]
-            module_spec = importlib.util.spec_from_file_location(module_name, where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
+        module = import_module_or_file(os.path.abspath(where) if where.endswith('.py') else where)
     except Exception as e: # the user's file, not our code: name it and what it raised
         raise ValueError(f"attn_cls={spec!r}: importing {where} failed ({type(e).__name__}: "
                          f"{e})") from None
@@ -512,6 +504,17 @@ def load_attn_cls(spec):
         raise ValueError(f"attn_cls={spec!r}: {class_name} is not a subclass of "
                          f"model.MuPFlexAttention")
     return attn_cls
+
+
+@functools.cache
+def import_module_or_file(name):
+    """An importable module by name, or a Python file by its absolute path, imported once."""
+    if not name.endswith('.py'):
+        return importlib.import_module(name)
+    module_spec = importlib.util.spec_from_file_location(os.path.basename(name)[:-3], name)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 class GPT(nn.Module):

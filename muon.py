@@ -21,7 +21,6 @@ Why Muon's lr needs no 1/m under muP: docs/mup.md, Muon.
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 # Keller Jordan's quintic coefficients (also torch.optim.Muon's): they maximize the slope at
 # zero, so 5 steps bring every singular value into roughly [0.7, 1.2], which trains as well as
@@ -57,7 +56,8 @@ def orthogonalize_whole(update, dtype):
     (an FSDP DTensor): gathered, orthogonalized on every process (the same result everywhere), and
     cut back to this process's rows without communication. Each process holds one full matrix
     at a time and does all the Newton-Schulz work (docs/mup.md, Muon)."""
-    if isinstance(update, DTensor):
+    if hasattr(update, 'full_tensor'): # a DTensor; its module is imported only where there are some
+        from torch.distributed.tensor import distribute_tensor
         whole = orthogonalize(update.full_tensor(), dtype)
         return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
     return orthogonalize(update, dtype)

@@ -6,7 +6,7 @@ import math
 import re
 import shutil
 
-from conftest import ROOT, ok, run_script
+from conftest import ROOT, ok, run_script, stops_with
 
 import mup_payoff
 from sweep_runner import NEUTRAL, REFERENCE, run_key, setting
@@ -63,13 +63,13 @@ def test_committed_results_are_reproduced_from_their_records(tmp_path):
         assert tuned == json.load(f)
 
 
-def test_payoff_runs_one_study(tmp_path):
-    for args in (['--study=tune,causes'], ['--tune=True', '--causes=True']): # the second is the old lr_transfer.py's
-        proc = run_script('mup_payoff.py', *args, cwd=tmp_path)
-        assert proc.returncode != 0
-        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith('error: '), proc.stderr
+def test_payoff_runs_one_study(tmp_path, monkeypatch):
     proc = run_script('mup_payoff.py', '--study=tune,causes', cwd=tmp_path)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith('error: '), proc.stderr
     assert 'choose one of tune, joint, causes' in proc.stderr
+    # the old lr_transfer.py's flags
+    stops_with('mup_payoff.py', '--tune=True', '--causes=True', cwd=tmp_path, monkeypatch=monkeypatch)
     assert not (tmp_path / 'results').exists() # nothing was measured
 
 

@@ -17,6 +17,7 @@ Settings, measured over seeds 0-4 (docs/mup-study.md, "Does μP hold here?"):
 - The seed is a parameter of every helper, so the spread over seeds can be measured.
 """
 
+import functools
 import math
 
 import pytest
@@ -32,11 +33,16 @@ LR = 3e-3
 STEPS = 4
 
 
+@functools.cache
+def coord_check(param, heads, seed=0):
+    """run_widths' results after STEPS Adam steps, measured once for the tests that read them."""
+    return run_widths(WIDTHS, param, heads=heads, steps=STEPS, lr=LR, seed=seed, base_width=BASE_WIDTH)
+
+
 def coord_slopes(param, heads, seed=0, steps=STEPS, stat='h'):
-    """{layer: slope of log2 stat vs log2 width} after `steps` Adam steps (stat 'h': mean|h|
-    at the last step; 'dh': mean|h_t - h_0|, the change since init)."""
-    results = run_widths(WIDTHS, param, heads=heads, steps=steps, lr=LR, seed=seed, base_width=BASE_WIDTH)
-    return slopes(results, step=steps, stat=stat)
+    """{module: slope of log2 stat vs log2 width} after `steps` Adam steps (stat 'h': mean|h|;
+    'dh': mean|h_t - h_0|, the change since init)."""
+    return slopes(coord_check(param, heads, seed), step=steps, stat=stat)
 
 # ---- invariant 3: coord check after updates
 
