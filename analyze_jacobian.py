@@ -29,6 +29,7 @@ $ python analyze_jacobian.py                    # 4 layers x 4 heads x 128, 500 
 $ python analyze_jacobian.py --attn_mod=sliding_window:16 --mup_base_width=64
 $ python analyze_jacobian.py --ckpt=out-shakespeare-char --batch_size=8   # a train.py out_dir, its dataset
 $ python analyze_jacobian.py --attn_cls=gated_attention.py:HeadwiseGate   # your attention class
+$ python analyze_jacobian.py --qk_norm=True --pos_emb=rope --norm=rmsnorm --mlp=relu2   # a modern block
 Writes OUT/jacobian.json (every number) and OUT/jacobian.png (r_diag and cos_diag heatmaps).
 """
 
@@ -47,7 +48,7 @@ from tqdm import tqdm
 
 import checkpoints
 from configurator import ConfigError, configure
-from attn_mods import attention_probs
+from attn_mods import attention_probs, repeat_heads
 from model import GPT, GPTConfig, set_lr
 
 # -----------------------------------------------------------------------------
@@ -57,6 +58,12 @@ batch_size = 32      # sequences per training batch and in the diagnostic batch
 mup_base_width = 0   # 0 = SP; otherwise muP relative to this width (docs/mup.md)
 attn_mod = 'causal'  # any attn_mods.ATTN_MODS entry: 'sliding_window:16', 'alibi', 'soft_cap:20', ...
 attn_cls = ''        # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
+# the block (model.GPTConfig): GPT-2's by default; QK-norm changes what reaches the softmax
+pos_emb = 'learned'
+norm = 'layernorm'
+qk_norm = False
+mlp = 'gelu'
+n_kv_head = 0
 device = 'auto'      # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
 out = 'out-jacobian' # where jacobian.json and jacobian.png go
 ckpt = ''            # a train.py out_dir: analyse its ckpt.pt instead of training
@@ -71,7 +78,9 @@ _PREPARE = os.path.join(_DATA_DIR, 'prepare.py')
 # verdict thresholds on the mean cos_diag of a layer (cos 0.9 is 26 degrees off the true gradient)
 _GOOD, _FAIR = 0.9, 0.7
 # the defaults of the settings that only make sense when training (--ckpt refuses them)
-_TRAINING_DEFAULTS = dict(steps=steps, mup_base_width=mup_base_width, attn_mod=attn_mod, attn_cls=attn_cls)
+_BLOCK_KEYS = ('pos_emb', 'norm', 'qk_norm', 'mlp', 'n_kv_head')
+_TRAINING_DEFAULTS = dict(steps=steps, mup_base_width=mup_base_width, attn_mod=attn_mod, attn_cls=attn_cls,
+                          **{key: globals()[key] for key in _BLOCK_KEYS})
 
 # -----------------------------------------------------------------------------
 # the two backward rules and the statistics
@@ -131,7 +140,7 @@ def capturing(attn_cls):
             self.probs = attention_probs(q, k, mask, self.active_score_mod(), self.scale)
             self.probs.retain_grad()
             self.mask = mask.expand(self.probs.shape)
-            return self.probs @ v
+            return self.probs @ repeat_heads(v, q.size(1)) # grouped-query attention: fewer value heads
     return CapturingAttention
 
 def capture_attention(model, x, y):
@@ -285,8 +294,12 @@ def main(c):
     torch.manual_seed(_SEED)
     if not c['ckpt']:
         vocab_size = ensure_data()
-        model = GPT(GPTConfig(**_MODEL_ARGS, vocab_size=vocab_size, mup_base_width=c['mup_base_width'],
-                              attn_mod=c['attn_mod'], attn_cls=c['attn_cls'])).to(dev)
+        try:
+            config = GPTConfig(**_MODEL_ARGS, vocab_size=vocab_size, mup_base_width=c['mup_base_width'],
+                               attn_mod=c['attn_mod'], attn_cls=c['attn_cls'], **{k: c[k] for k in _BLOCK_KEYS})
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        model = GPT(config).to(dev)
         return run(model, _DATA_DIR, c['steps'], c['batch_size'], dev, c['out'])
     model, dataset = load_checkpoint(c['ckpt'], dev)
     data_dir = os.path.join('data', dataset) # relative to the working directory, as train.py's

@@ -72,6 +72,7 @@ class CatalogEntry:
     build: Callable[..., Mods]
     accepts: Callable[[str], bool]
     usage: str
+    relative: bool = True # reads positions only through q_idx - kv_idx (a RoPE cache may slide)
 
 
 def _no_argument(arg):
@@ -105,7 +106,8 @@ ATTN_MODS = {
     'prefix_lm': CatalogEntry(
         build=lambda attn, arg: Mods(prefix_lm(int(arg)), None),
         accepts=_positive_int,
-        usage="a prefix length, a positive integer: attn_mod='prefix_lm:32'"),
+        usage="a prefix length, a positive integer: attn_mod='prefix_lm:32'",
+        relative=False),
     'alibi': CatalogEntry(
         build=lambda attn, arg: Mods(causal, alibi(attn.alibi_slopes)),
         accepts=_alibi_argument,
@@ -158,10 +160,19 @@ def dense_mask(mask_mod, B, H, T, device, q_offset=0):
     return mask
 
 
+def repeat_heads(kv, n_head):
+    """Keys or values of fewer heads (grouped-query attention) repeated to n_head, as SDPA's and
+    flex's enable_gqa read them: query head h uses key/value head h // (n_head / n_kv_head)."""
+    if kv.size(1) == n_head:
+        return kv
+    return kv.repeat_interleave(n_head // kv.size(1), dim=1)
+
+
 def attention_probs(q, k, mask, score_mod, scale, q_offset=0):
     """softmax over the keys of score_mod(scale * q.k) where the mask allows, and 0 on rows where
-    it allows nothing, as flex and SDPA give. q: (B, H, Tq, D) at positions q_offset.., k: (B, H,
-    Tk, D), mask: broadcastable to (B, H, Tq, Tk)."""
+    it allows nothing, as flex and SDPA give. q: (B, H, Tq, D) at positions q_offset.., k: (B, H
+    or fewer heads, Tk, D), mask: broadcastable to (B, H, Tq, Tk)."""
+    k = repeat_heads(k, q.size(1))
     score = (q * scale) @ k.transpose(-2, -1) # scaling q costs Tq*D multiplies, not Tq*Tk
     if score_mod is not None:
         B, H, Tq, Tk = score.shape
@@ -175,12 +186,13 @@ def attention_probs(q, k, mask, score_mod, scale, q_offset=0):
 
 
 def dense_attention(q, k, v, mask, score_mod, scale, dropout_p=0.0, query_block=128):
-    """The CPU reference backend: flex's semantics with autograd. q: (B, H, Tq, D), k and v: (B, H,
-    Tk, D), Tk >= Tq, the queries being the last Tq positions of the keys (Tk > Tq: decoding from a
+    """The CPU reference backend: flex's semantics with autograd. q: (B, H, Tq, D), k and v: (B, H
+    or fewer heads (GQA), Tk, D), Tk >= Tq, the queries being the last Tq positions of the keys (Tk > Tq: decoding from a
     KV cache). Without a score_mod, SDPA with the boolean mask does it all. With one, blocks of
     `query_block` queries each attend to the keys up to the last one their mask reaches: causal
     attention skips a quarter of the scores at T = 256, and each block's elementwise passes stay
     in cache (docs/mup-study.md, Benchmarks)."""
+    k, v = repeat_heads(k, q.size(1)), repeat_heads(v, q.size(1))
     if score_mod is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               dropout_p=dropout_p)

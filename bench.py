@@ -17,9 +17,11 @@ $ python bench.py --modes=gpu                       # CUDA only: flex vs flash, 
 """
 
 import functools
+import itertools
 import json
 import os
 import re
+import runpy
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from attn_mods import ATTN_MODS, parse_attn_mod
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
 # -----------------------------------------------------------------------------
-modes = ('train', 'attention') # any of 'train', 'attention', 'decode', 'distributed', 'gpu' (CUDA only)
+modes = ('train', 'attention') # any of 'train', 'attention', 'block', 'decode', 'distributed', 'gpu' (CUDA only)
 # the model of the training-step benchmark (shakespeare_char's vocabulary; random tokens)
 batch_size = 8
 block_size = 256
@@ -58,6 +60,9 @@ seq_lens = (64, 256, 1024)
 # block size and mod, with the KV cache and recomputing the context
 decode_block_sizes = (1024, 128) # 128: the main job's; 1000 tokens pass it, so the cache re-prefills
 decode_mods = ('causal', 'alibi') # alibi: a score_mod, on the dense backend off CUDA
+# the blocks of the generation rows: GPT-2's (learned positions: a full cache is prefilled anew),
+# RoPE (the cache slides), RoPE with a quarter of the key/value heads (GQA: a quarter of the cache)
+decode_blocks = ('gpt2', 'rope', 'rope+gqa')
 decode_prompt = 16
 decode_tokens = 1000
 # the distributed benchmark (modes=distributed): train.py on config/shakespeare_mup.py's model
@@ -289,45 +294,100 @@ def print_attention(rows):
             for T in lens))
 
 
+# ---- the modern block beside GPT-2's
+
+def modern_block():
+    """The block settings of the modern main job (config/shakespeare_mup_modern.py), read from
+    the config file itself."""
+    keys = ('pos_emb', 'rope_base', 'norm', 'norm_gain', 'qk_norm', 'mlp', 'n_kv_head', 'tie_weights')
+    recipe = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config',
+                                         'shakespeare_mup_modern.py'))
+    return {key: recipe[key] for key in keys if key in recipe}
+
+
+def block_rows(device, ptdtype):
+    """The training step of the modern main job's block beside GPT-2's, at the main job's shape
+    (config/shakespeare_mup.py's CPU model: 4 x 192, batch 16 x 128, muP base width 64, AdamW),
+    timed interleaved. Returns the rows and the modern / GPT-2 ratio of the median step times."""
+    base = GPTConfig(block_size=128, vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=192, bias=False,
+                     dropout=0.0, mup_base_width=64)
+    blocks = {'gpt2': base, 'modern': replace(base, **modern_block())}
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(vocab_size, (16, 129), generator=g).to(device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    ctx = autocast(device, ptdtype)
+    steps = {}
+    for name, cfg in blocks.items():
+        torch.manual_seed(seed)
+        model = GPT(cfg).to(device)
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
+
+        def step(model=model, optimizer=optimizer):
+            with ctx:
+                _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[name] = step
+    times = time_interleaved(steps, device, warmup, iters)
+    rows = [dict(block=name, settings={k: v for k, v in vars(cfg).items() if getattr(base, k) != v},
+                 ms_per_step=statistics.median(times[name])) for name, cfg in blocks.items()]
+    return rows, paired_ratio(times['modern'], times['gpt2'])
+
+
+def print_blocks(rows, ratio):
+    print(f"\n{'block':<8}{'ms/step':>9}  settings")
+    for r in rows:
+        print(f"{r['block']:<8}{r['ms_per_step']:9.1f}  {r['settings'] or 'GPT-2 (learned positions, LayerNorm, GELU)'}")
+    print(f"modern / GPT-2 step time: {ratio:.3f} (median of the paired per-round ratios)")
+
+
 # ---- generation
 
+DECODE_BLOCKS = {'gpt2': dict(), 'rope': dict(pos_emb='rope'), 'rope+gqa': dict(pos_emb='rope', n_kv_head=1)}
+
+
 def decode_rows(block_sizes, mods, prompt_len, new_tokens, device, ptdtype, n_layer=4, n_head=4, n_embd=192,
-                backends=('auto',)):
+                backends=('auto',), blocks=('gpt2',)):
     """Tokens/s of greedy generation of `new_tokens` after a `prompt_len`-token prompt, batch 1, with
     the KV cache and recomputing the (cropped) context every step, side by side for every block size,
-    mod and backend. Both give the same tokens within block_size (tests/test_kv_cache.py)."""
+    mod, backend and block (DECODE_BLOCKS), with the KV cache's size. Both give the same tokens within
+    block_size (tests/test_kv_cache.py); past it the cache of a RoPE model slides, the others are
+    prefilled anew (tests/test_modern_block.py)."""
     rows = []
     ctx = autocast(device, ptdtype)
-    for block in block_sizes:
-        for spec in mods:
-            for backend in backends:
-                cfg = GPTConfig(block_size=block, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                                n_embd=n_embd, bias=False, attn_mod=spec, attn_backend=backend)
-                torch.manual_seed(seed)
-                model = GPT(cfg).to(device).eval()
-                prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
-                prompt = prompt.to(device)
-                row = dict(block_size=block, mod=spec, backend=model.transformer.h[0].attn.resolve_backend(device))
-                for path, kv_cache in (('cached', True), ('recompute', False)):
-                    with ctx:
-                        model.generate(prompt, 8, temperature=0, kv_cache=kv_cache) # warm-up
-                        synchronize(device)
-                        t0 = time.perf_counter()
-                        model.generate(prompt, new_tokens, temperature=0, kv_cache=kv_cache)
-                        synchronize(device)
-                    row[f'{path}_tokens_per_s'] = new_tokens / (time.perf_counter() - t0)
-                row['speedup'] = row['cached_tokens_per_s'] / row['recompute_tokens_per_s']
-                rows.append(row)
-                print_decode([row], header=len(rows) == 1)
+    for block, spec, backend, block_name in itertools.product(block_sizes, mods, backends, blocks):
+        cfg = GPTConfig(block_size=block, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                        n_embd=n_embd, bias=False, attn_mod=spec, attn_backend=backend,
+                        **DECODE_BLOCKS[block_name])
+        torch.manual_seed(seed)
+        model = GPT(cfg).to(device).eval()
+        prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+        prompt = prompt.to(device)
+        row = dict(block_size=block, mod=spec, block=block_name,
+                   backend=model.transformer.h[0].attn.resolve_backend(device),
+                   cache_mb=2 * n_layer * cfg.kv_heads * block * cfg.head_dim * ptdtype.itemsize / 2**20)
+        for path, kv_cache in (('cached', True), ('recompute', False)):
+            with ctx:
+                model.generate(prompt, 8, temperature=0, kv_cache=kv_cache) # warm-up
+                synchronize(device)
+                t0 = time.perf_counter()
+                model.generate(prompt, new_tokens, temperature=0, kv_cache=kv_cache)
+                synchronize(device)
+            row[f'{path}_tokens_per_s'] = new_tokens / (time.perf_counter() - t0)
+        row['speedup'] = row['cached_tokens_per_s'] / row['recompute_tokens_per_s']
+        rows.append(row)
+        print_decode([row], header=len(rows) == 1)
     return rows
 
 
 def print_decode(rows, header=True):
     if header:
-        print(f"\n{'block':>6}  {'mod':<10}{'backend':<9}{'cached tok/s':>14}{'recompute tok/s':>17}{'speedup':>9}")
+        print(f"\n{'block':>6}  {'mod':<10}{'model':<10}{'backend':<9}{'cache MB':>9}{'cached tok/s':>14}"
+              f"{'recompute tok/s':>17}{'speedup':>9}")
     for r in rows:
-        print(f"{r['block_size']:>6}  {r['mod']:<10}{r['backend']:<9}{r['cached_tokens_per_s']:14.1f}"
-              f"{r['recompute_tokens_per_s']:17.1f}{r['speedup']:8.1f}x", flush=True)
+        print(f"{r['block_size']:>6}  {r['mod']:<10}{r['block']:<10}{r['backend']:<9}{r['cache_mb']:9.2f}"
+              f"{r['cached_tokens_per_s']:14.1f}{r['recompute_tokens_per_s']:17.1f}{r['speedup']:8.1f}x", flush=True)
 
 
 # ---- DDP and FSDP
@@ -423,10 +483,12 @@ def gpu_benchmarks(device, ptdtype):
 
 def check_settings():
     """A setting bench.py does not know: a ConfigError, which configure() reports in one line."""
-    unknown = [m for m in modes if m not in ('train', 'attention', 'decode', 'distributed', 'gpu')]
+    unknown = [m for m in modes if m not in ('train', 'attention', 'block', 'decode', 'distributed', 'gpu')]
     if unknown or not modes:
-        raise ConfigError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'decode', 'distributed', "
-                          f"'gpu', e.g. --modes=train,attention")
+        raise ConfigError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'block', 'decode', "
+                          f"'distributed', 'gpu', e.g. --modes=train,attention")
+    if not decode_blocks or any(b not in DECODE_BLOCKS for b in decode_blocks):
+        raise ConfigError(f"decode_blocks={','.join(decode_blocks)}: choose from {', '.join(DECODE_BLOCKS)}")
     for spec in decode_mods:
         try:
             parse_attn_mod(spec)
@@ -494,11 +556,16 @@ if __name__ == '__main__':
                                              device, ptdtype, ('sdpa', 'dense', 'flex'), compiles)
         print_attention(report['attention'])
 
+    if 'block' in modes:
+        print("\nthe modern main job's block beside GPT-2's: 4 x 192, batch 16 x 128, muP (base 64), AdamW")
+        report['block'], report['block_ratio'] = block_rows(device, ptdtype)
+        print_blocks(report['block'], report['block_ratio'])
+
     if 'decode' in modes:
         print(f"\ngeneration: {decode_tokens} tokens after a {decode_prompt}-token prompt, batch 1, greedy, "
               f"4 x 192 (4 heads)")
         report['decode'] = decode_rows(decode_block_sizes, decode_mods, decode_prompt, decode_tokens, device,
-                                       ptdtype)
+                                       ptdtype, blocks=decode_blocks)
 
     if 'distributed' in modes:
         print(f"\ntrain.py config/shakespeare_mup.py under torchrun, one micro-batch per process, "

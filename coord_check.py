@@ -24,6 +24,7 @@ $ python coord_check.py --heads=grow --out=coord_check_grow   # head_dim fixed, 
 $ python coord_check.py --param=mup --widths=64,256,1024 --steps=5 --lr=3e-2
 $ python coord_check.py --depths=2,4,8,16 --out=coord_check_depth   # depth: none, depth-muP, CompleteP
 $ python coord_check.py --attn_cls=gated_attention.py:HeadwiseGate --widths=64,128,256,512  # your class
+$ python coord_check.py --pos_emb=rope --qk_norm=True --norm=rmsnorm --mlp=relu2 --n_kv_head=2   # a modern block
 
 Writes assets/<out>.png and results/<out>.csv, prints a table of log2-log2 slopes vs width (or
 depth), one row per module, and the worst module by name. The functions (fixed_batch, build_model, measure, run_widths, run_depths, slopes) are
@@ -33,6 +34,7 @@ implementation.
 
 import csv
 import functools
+import math
 import os
 import pickle
 import sys
@@ -64,6 +66,14 @@ head_dim = 16 # used when heads='grow' (becomes mup_base_head_dim under muP)
 base_width = 64 # mup_base_width of the muP models
 init_std = 0.02 # the models' init_std (a muTransfer hyperparameter)
 attn_cls = '' # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
+# the block (model.GPTConfig): GPT-2's by default
+pos_emb = 'learned'
+norm = 'layernorm'
+norm_gain = True
+qk_norm = False
+mlp = 'gelu'
+n_kv_head = 0 # 0 = n_head; with heads='grow' a fixed number of key/value heads (K and V are muP output weights)
+tie_weights = True
 batch_size = 16
 block_size = 64
 seed = 1337
@@ -206,7 +216,10 @@ def run_depths(depths, variant, width=128, base_depth=2, steps=4, lr=3e-3, seed=
     return results
 
 def slope(sizes, values):
-    """Least-squares slope of log2(value) vs log2(size): 0 is size-independent, 1 grows like size."""
+    """Least-squares slope of log2(value) vs log2(size): 0 is size-independent, 1 grows like size;
+    nan where every value is 0."""
+    if not any(values):
+        return math.nan
     return float(np.polyfit(np.log2(sizes), np.log2(values), 1)[0])
 
 def slopes(results, step=-1, stat='h'):
@@ -262,8 +275,11 @@ def write_csv(all_results, path, layout, axis='width'):
                                     f"{dh[layer]:.6g}", f"{res['losses'][t]:.6g}"])
 
 def worst(slopes_by_name):
-    """(name, slope) of the largest |slope|: the module at fault, if any."""
-    return max(slopes_by_name.items(), key=lambda item: abs(item[1]))
+    """(name, slope) of the largest |slope|: the module at fault, if any. A module whose statistic
+    is 0 at every width (nothing moved: with an untied readout, which starts at zero, no other
+    module's output changes at the first step) has no slope (nan) and is left out."""
+    finite = {name: value for name, value in slopes_by_name.items() if np.isfinite(value)}
+    return max(finite.items(), key=lambda item: abs(item[1]))
 
 def print_slopes(all_results, steps, axis='width'):
     tables = [(f'mean|h| at t={steps}', 'h', -1), ('mean|h_1 - h_0| (first update)', 'dh', 1)]
@@ -283,11 +299,18 @@ if __name__ == '__main__':
     from tqdm import tqdm
 
     from configurator import ConfigError, configure
+    globals_defaults = dict(globals())
     configure(globals(), sys.argv[1:])
     if param not in ('sp', 'mup', 'both'):
         raise ConfigError(f"param={param!r}: use 'sp', 'mup' or 'both'")
     try:
         attention = load_attn_cls(attn_cls)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    block = dict(init_std=init_std, pos_emb=pos_emb, norm=norm, norm_gain=norm_gain, qk_norm=qk_norm, mlp=mlp,
+                 n_kv_head=n_kv_head, tie_weights=tie_weights)
+    try: # the smallest model, to check the settings before any run
+        build_model(min(widths), 'mup', heads, n_layer, n_head, head_dim, base_width, attn_cls=attention, **block)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if depths and attn_cls:
@@ -309,9 +332,10 @@ if __name__ == '__main__':
             for p in (['sp', 'mup'] if param == 'both' else [param]):
                 all_results[p] = run_widths(widths, p, heads, steps, lr, seed, (x, y, vocab_size), n_layer,
                                             n_head, head_dim, base_width, progress=bar, attn_cls=attention,
-                                            model_args=dict(init_std=init_std))
+                                            model_args=block)
+    changed = {k: v for k, v in block.items() if v != globals_defaults[k]}
     print(f"data: {source}; batch {batch_size}x{block_size}; {layout}; Adam lr {lr:g}, {steps} steps; "
-          f"init std {init_std:g}; muP base width {base_width}; attention {attention.__name__}")
+          f"muP base width {base_width}; attention {attention.__name__}; block {changed or 'GPT-2'}")
     print_slopes(all_results, steps, axis)
     for d in ('assets', 'results'):
         os.makedirs(os.path.join(_HERE, d), exist_ok=True)

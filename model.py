@@ -34,6 +34,9 @@ from muon import Muon
 # -----------------------------------------------------------------------------
 
 ATTN_BACKENDS = ('auto', 'sdpa', 'flex', 'dense')
+POS_EMBS = ('learned', 'rope')
+NORMS = ('layernorm', 'rmsnorm')
+MLPS = ('gelu', 'relu2', 'swiglu')
 
 
 @dataclass
@@ -63,6 +66,14 @@ class GPTConfig:
     # residual branches x (n_layer / mup_base_depth)^-alpha: 1 = CompleteP, 0.5 = depth-muP
     mup_depth_alpha: float = 1.0
     tie_weights: bool = True # lm_head shares wte; untied, the readout starts at zero
+    # the block: GPT-2's by default; each modern option is one setting, any combination works
+    pos_emb: str = 'learned' # 'learned' (wpe) or 'rope' (rotary position embeddings, no wpe)
+    rope_base: float = 10000.0 # RoPE's base: the angle of position p in pair i is p * base^(-2i/d)
+    norm: str = 'layernorm' # 'layernorm' or 'rmsnorm'
+    norm_gain: bool = True # a learned gain in every norm (and QK-norm); False: parameter-free
+    qk_norm: bool = False # RMSNorm of each head's q and k, before the rotation and the logit scale
+    mlp: str = 'gelu' # 'gelu', 'relu2' (ReLU squared) or 'swiglu' (at 8/3 n_embd: gelu's parameters)
+    n_kv_head: int = 0 # key/value heads: 0 = n_head; fewer is grouped-query attention, 1 multi-query
     attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
     attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
     # the attention class: '' = MuPFlexAttention, or 'path/to/file.py:ClassName' | 'module:ClassName'
@@ -79,7 +90,7 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                              f"pick a multiple")
-        for key in ('mup_base_width', 'mup_base_head_dim', 'mup_base_depth'):
+        for key in ('mup_base_width', 'mup_base_head_dim', 'mup_base_depth', 'n_kv_head'):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0 (0 = off / derived)")
         if not 0.5 <= self.mup_depth_alpha <= 1.0:
@@ -95,6 +106,22 @@ class GPTConfig:
         if self.mup_base_width % self.base_head_dim:
             raise ValueError(f"mup_base_width={self.mup_base_width} is not a multiple of "
                              f"mup_base_head_dim={self.mup_base_head_dim}")
+        for key, choices in (('pos_emb', POS_EMBS), ('norm', NORMS), ('mlp', MLPS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}={getattr(self, key)!r}: use one of "
+                                 f"{', '.join(map(repr, choices))}")
+        if not 0 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base={self.rope_base} must be a finite number > 0")
+        if self.pos_emb == 'rope' and self.head_dim % 2:
+            raise ValueError(f"pos_emb='rope' rotates pairs of coordinates, but the head dim "
+                             f"n_embd / n_head = {self.head_dim} is odd: pick an even one")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}: "
+                             f"each key/value head serves the same number of query heads")
+        if self.mup_base_width and self.n_kv_head and (self.mup_base_width // self.base_head_dim) % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide the base model's "
+                             f"{self.mup_base_width // self.base_head_dim} heads "
+                             f"(mup_base_width / its head dim): widening keeps n_kv_head")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r}: use one of "
                              f"{', '.join(map(repr, ATTN_BACKENDS))}")
@@ -105,6 +132,19 @@ class GPTConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self):
+        """The number of key/value heads: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self):
+        """The MLP's hidden width: 4 n_embd, or 8/3 of it for SwiGLU, whose three matrices
+        then hold the parameters of the other two's."""
+        if self.mlp == 'swiglu':
+            return 8 * self.n_embd // 3
+        return 4 * self.n_embd
 
     @property
     def base_head_dim(self):
@@ -130,27 +170,47 @@ class GPTConfig:
 
 # -----------------------------------------------------------------------------
 
-class LayerNorm(nn.Module):
-    """ LayerNorm but with an optional bias. PyTorch doesn't support simply bias=False """
+class Norm(nn.Module):
+    """LayerNorm (GPT-2's) or RMSNorm over the last dim, eps 1e-5; a learned gain unless gain=False
+    (nanochat's parameter-free norm), and for LayerNorm a bias with `bias`. Gains and biases are
+    muP vectors (docs/mup.md)."""
 
-    def __init__(self, ndim, bias):
+    def __init__(self, ndim, kind='layernorm', gain=True, bias=False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.kind = kind
+        self.ndim = ndim
+        self.weight = nn.Parameter(torch.ones(ndim)) if gain else None
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias and kind == 'layernorm' else None
 
-    def forward(self, input):
-        return F.layer_norm(input, self.weight.shape, self.weight, self.bias, 1e-5)
+    def forward(self, x):
+        if self.kind == 'rmsnorm':
+            return F.rms_norm(x, (self.ndim,), self.weight, 1e-5)
+        return F.layer_norm(x, (self.ndim,), self.weight, self.bias, 1e-5)
+
+
+def rotate(x, positions, base):
+    """Rotary position embedding (Su et al. 2021) of x (B, H, T, D) at `positions` (T,): each
+    pair (i, i + D/2) turned by the angle position * base^(-2i/D), the half-split layout of
+    Llama and nanochat. q.k then depends on the positions only through their difference."""
+    D = x.size(-1)
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = positions.to(torch.float32)[:, None] * inv_freq # (T, D/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :D // 2], x[..., D // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class QKV(nn.Module):
-    """nanoGPT's fused c_attn held as three (n_embd, n_embd) projections, so that Muon
-    orthogonalizes Q, K and V each on its own, which trains better than orthogonalizing the stack
-    (docs/mup.md, Muon). The forward is still one matmul, and the init draws the numbers of one
-    fused matrix."""
+    """nanoGPT's fused c_attn held as three projections (q: n_embd, k and v: n_kv_head heads), so
+    that Muon orthogonalizes Q, K and V each on its own, which trains better than orthogonalizing
+    the stack (docs/mup.md, Muon). The forward is still one matmul, and the init draws the
+    numbers of one fused matrix."""
 
-    def __init__(self, n_embd, bias):
+    def __init__(self, n_embd, kv_dim, bias):
         super().__init__()
-        self.q, self.k, self.v = (nn.Linear(n_embd, n_embd, bias=bias) for _ in range(3))
+        self.q = nn.Linear(n_embd, n_embd, bias=bias)
+        self.k = nn.Linear(n_embd, kv_dim, bias=bias)
+        self.v = nn.Linear(n_embd, kv_dim, bias=bias)
 
     def forward(self, x):
         bias = None if self.q.bias is None else torch.cat([self.q.bias, self.k.bias, self.v.bias])
@@ -176,12 +236,21 @@ class MuPFlexAttention(nn.Module):
     # True: this class's own mask_mod reads nothing but the positions and the config, so its
     # mask can be built once and reused. A subclass's mask is taken to read data unless it says so.
     static_mask = False
+    # True: this class's own mask_mod and score_mod read positions only through q_idx - kv_idx
+    # (a relative bias, a window), so that with RoPE the KV cache may slide past block_size
+    relative_mods = False
 
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.head_dim
-        self.c_attn = QKV(config.n_embd, config.bias)
+        self.c_attn = QKV(config.n_embd, config.kv_heads * config.head_dim, config.bias)
+        self.rope_base = config.rope_base if config.pos_emb == 'rope' else None
+        self.q_norm = self.k_norm = None
+        if config.qk_norm: # QK-norm (OLMo 2, Qwen3, nanochat): each head's q and k at RMS 1
+            self.q_norm = Norm(config.head_dim, 'rmsnorm', config.norm_gain)
+            self.k_norm = Norm(config.head_dim, 'rmsnorm', config.norm_gain)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # GPT-2's scaled init of the projections into the residual stream
         self.c_proj.residual_proj = True
@@ -232,6 +301,18 @@ class MuPFlexAttention(nn.Module):
         own_make_mask = type(self).make_mask is not MuPFlexAttention.make_mask
         return (own_mask_mod or own_make_mask) and not type(self).static_mask
 
+    def relative_positions(self):
+        """Whether the mask and the score depend on positions only through q_idx - kv_idx, so that
+        with RoPE a full KV cache can slide (GPT.generate). The catalog's do, but prefix_lm's; a
+        subclass's own mask_mod or score_mod is taken not to, unless the class sets
+        relative_mods = True."""
+        own_mask_mod = type(self).mask_mod is not MuPFlexAttention.mask_mod
+        own_score_mod = type(self).score_mod is not MuPFlexAttention.score_mod
+        if (own_mask_mod or own_score_mod) and not type(self).relative_mods:
+            return False
+        name, _ = parse_attn_mod(self.attn_mod)
+        return ATTN_MODS[name].relative
+
     def is_plain_causal(self):
         """Causal attention with nothing added: what SDPA's fused kernels compute."""
         overridden = type(self).mask_mod is not MuPFlexAttention.mask_mod
@@ -280,19 +361,21 @@ class MuPFlexAttention(nn.Module):
         return dense_mask(mask_mod, B or 1, self.n_head, T, device, q_offset)
 
     def attend(self, q, k, v, mask):
-        """q: (B, n_head, Tq, head_dim), k and v: (B, n_head, Tk, head_dim) -> like q; the queries
-        are the last Tq positions of the keys (Tk > Tq after cached keys); mask from make_mask."""
+        """q: (B, n_head, Tq, head_dim), k and v: (B, n_kv_head, Tk, head_dim) -> like q; the
+        queries are the last Tq positions of the keys (Tk > Tq after cached keys); mask from
+        make_mask."""
         dropout_p = self.dropout if self.training else 0.0
         Tq, Tk = q.size(2), k.size(2)
+        gqa = self.n_kv_head != self.n_head # SDPA and flex read each key/value head n_head / n_kv times
         if mask is None:
             if Tq == Tk:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                      dropout_p=dropout_p)
+                                                      dropout_p=dropout_p, enable_gqa=gqa)
             # is_causal aligns the mask's top-left corners: a query after cached keys would see
             # only the first keys. Its position is at the bottom right.
             lower_right = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=self.scale,
-                                                  dropout_p=dropout_p)
+                                                  dropout_p=dropout_p, enable_gqa=gqa)
         if isinstance(mask, BlockMask):
             if q.device.type == 'cuda' and Tq == Tk:
                 flex = compiled_flex_attention()
@@ -302,17 +385,25 @@ class MuPFlexAttention(nn.Module):
                 # row of scores per query is small enough to materialize
                 flex = flex_attention
             return flex(q, k, v, score_mod=self.active_score_mod(Tk - Tq), block_mask=mask,
-                        scale=self.scale)
+                        scale=self.scale, enable_gqa=gqa)
         return dense_attention(q, k, v, mask, self.active_score_mod(), self.scale, dropout_p)
 
     def qkv(self, x, kv_cache=None):
-        """The queries, keys and values of x (B, T, n_embd), each (B, n_head, T, head_dim); with
-        a KV cache the keys and values of the cached positions come first."""
+        """The queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, T, head_dim) of x
+        (B, T, n_embd): QK-normed and rotated where the config says so; with a KV cache the keys
+        and values of the cached positions come first."""
         B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2) # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) # (B, n_kv, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_base is not None:
+            start = 0 if kv_cache is None else kv_cache.position # the position of x's first token
+            positions = torch.arange(start, start + T, device=x.device)
+            q, k = rotate(q, positions, self.rope_base), rotate(k, positions, self.rope_base)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v) # this layer's keys and values so far, the new ones last
         return q, k, v
@@ -336,27 +427,47 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+class ReLUSquared(nn.Module):
+    """relu(x)^2 (So et al. 2021, Primer; nanochat, modded-nanogpt)."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
+    """GPT-2's MLP (GELU), ReLU^2, or SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_fc), at the
+    width config.mlp_width. Every matrix is muP-hidden: its fan-in and fan-out grow with width."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        self.c_gate = None
+        if config.mlp == 'swiglu':
+            self.c_gate = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+            self.act = nn.SiLU()
+        elif config.mlp == 'relu2':
+            self.act = ReLUSquared()
+        else:
+            self.act = nn.GELU()
+        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.c_gate is not None:
+            h = self.act(self.c_gate(x)) * self.c_fc(x)
+        else:
+            h = self.act(self.c_fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
 
     def __init__(self, config, attn_cls):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = Norm(config.n_embd, config.norm, config.norm_gain, config.bias)
         self.attn = attn_cls(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = Norm(config.n_embd, config.norm, config.norm_gain, config.bias)
         self.mlp = MLP(config)
         # CompleteP: each residual branch x m_L^-alpha, so that the residual stream's update stays
         # the same size as depth grows (docs/mup.md, depth); 1 without depth scaling
@@ -415,16 +526,17 @@ class KVCache:
         self.k = None
         self.v = None
         self.length = 0
+        self.dropped = 0 # positions dropped from the front by drop_oldest (RoPE's sliding window)
 
     def layer(self, index):
         return LayerKVCache(self, index)
 
     def append(self, layer, k, v):
-        """Store k, v (B, n_head, T, head_dim) at the positions after the cached ones; return the
-        layer's keys and values up to them. GPT.forward advances `length` after the last layer."""
+        """Store k, v (B, n_kv_head, T, head_dim) at the positions after the cached ones; return
+        the layer's keys and values up to them. GPT.forward advances `length` after the last layer."""
         if self.k is None:
-            B, n_head, _, head_dim = k.shape
-            shape = (self.n_layer, B, n_head, self.max_len, head_dim)
+            B, n_kv_head, _, head_dim = k.shape
+            shape = (self.n_layer, B, n_kv_head, self.max_len, head_dim)
             self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
             self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
         end = self.length + k.size(2)
@@ -432,11 +544,26 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def drop_oldest(self):
+        """Forget the oldest cached position of every layer, making room for one more: a full
+        cache slides by one instead of being prefilled again. Only where attention depends on
+        positions through their differences alone (RoPE, relative mods): the keys keep the
+        rotation of their true positions, which the next token's continue (`dropped`)."""
+        self.k[:, :, :, :-1] = self.k[:, :, :, 1:].clone()
+        self.v[:, :, :, :-1] = self.v[:, :, :, 1:].clone()
+        self.length -= 1
+        self.dropped += 1
+
 
 class LayerKVCache(NamedTuple):
     """One layer's view of a KVCache, what an attention module receives."""
     cache: KVCache
     layer: int
+
+    @property
+    def position(self):
+        """The true position of the first token this forward appends (RoPE's angle)."""
+        return self.cache.dropped + self.cache.length
 
     def append(self, k, v):
         return self.cache.append(self.layer, k, v)
@@ -528,14 +655,13 @@ class GPT(nn.Module):
         if attn_cls is None:
             attn_cls = load_attn_cls(config.attn_cls)
         self.attn_cls = attn_cls
-        self.transformer = nn.ModuleDict(dict(
-            wte = nn.Embedding(config.vocab_size, config.n_embd),
-            wpe = nn.Embedding(config.block_size, config.n_embd),
-            drop = nn.Dropout(config.dropout),
-            h = nn.ModuleList([Block(config.layer_config(i), attn_cls)
-                               for i in range(config.n_layer)]),
-            ln_f = LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))
+        if config.pos_emb == 'learned': # GPT-2's absolute positions; RoPE rotates q and k instead
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer.drop = nn.Dropout(config.dropout)
+        self.transformer.h = nn.ModuleList([Block(config.layer_config(i), attn_cls)
+                                            for i in range(config.n_layer)])
+        self.transformer.ln_f = Norm(config.n_embd, config.norm, config.norm_gain, config.bias)
         self.lm_head = Readout(config.n_embd, config.vocab_size, config.mup_output_mult,
                                config.width_mult)
         if config.tie_weights:
@@ -569,8 +695,12 @@ class GPT(nn.Module):
                        mup_base_width=0, mup_base_head_dim=0)
         base_shapes = self._param_shapes(base)
         at_base_width = c.n_embd == base_width
-        if at_base_width: # nothing differs from the base model here: compare with a wider one
-            compared_shapes = self._param_shapes(replace(base, n_embd=2 * base_width))
+        if at_base_width: # nothing differs from the base model here: compare with a wider one,
+            # widened as this layout widens (more heads where the base head dim is set)
+            wider = replace(base, n_embd=2 * base_width)
+            if c.mup_base_head_dim:
+                wider = replace(wider, n_head=2 * base_width // c.base_head_dim)
+            compared_shapes = self._param_shapes(wider)
         owners = {}
         for module_name, module in self.named_modules():
             for param_name, _ in module.named_parameters(prefix=module_name, recurse=False):
@@ -641,7 +771,7 @@ class GPT(nn.Module):
         params are actually used as weights in the final layer, so we include them.
         """
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and 'wpe' in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -657,10 +787,11 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         pos = torch.arange(start, start + t, dtype=torch.long, device=idx.device) # shape (t)
 
-        tok_emb = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
+        x = self.transformer.wte(idx) # token embeddings of shape (b, t, n_embd)
+        if 'wpe' in self.transformer:
+            x = x + self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
         # muP's input multiplier: a constant tuned at the base width (docs/mup.md)
-        x = self.transformer.drop(self.config.mup_input_mult * (tok_emb + pos_emb))
+        x = self.transformer.drop(self.config.mup_input_mult * x)
         masks = {} # one mask per attention pattern, built once and passed to its layers
         for i, block in enumerate(self.transformer.h):
             pattern = block.attn.pattern
@@ -704,7 +835,8 @@ class GPT(nn.Module):
             raise ValueError(f"crop_block_size({block_size}): the model's block size is only "
                              f"{self.config.block_size}")
         self.config = replace(self.config, block_size=block_size)
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if 'wpe' in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def param_groups(self, weight_decay, optimizer='adamw', muon_lr_mult=1.0):
         """One param group per muP treatment (docs/mup.md), each a dict with `name`, `params`,
@@ -802,26 +934,34 @@ class GPT(nn.Module):
         token against the cached keys and values of the ones before it, O(T) work per token.
         kv_cache=False: each step recomputes the whole context, O(T^2): the reference.
 
-        Positions are absolute (wpe), so a full cache cannot slide: when it holds block_size
-        positions, the newest block_size // 2 tokens are prefilled anew at positions 0.., and
-        decoding goes on from there (the reference crops to the last block_size tokens at every
-        step instead). A mask under which an earlier query sees a later key (prefix_lm while the
-        text is inside its prefix) would leave the cache stale: those steps recompute the
-        window, so the logits are a full forward's at every step."""
+        Past block_size: with RoPE and masks and scores that read positions only through their
+        difference (cache_slides), a full cache slides: the oldest position is dropped and every
+        new token attends to the block_size - 1 before it, with their keys as they were computed.
+        That is a full forward over the whole text with attention limited to the last block_size
+        positions, not the reference's (which crops the text to its last block_size tokens at
+        every step, so the first of them see no context). With absolute positions (wpe) or a mod
+        that reads them, a full cache is prefilled anew with the newest block_size // 2 tokens
+        at positions 0.., and decoding goes on from there. A mask under which an earlier query
+        sees a later key (prefix_lm while the text is inside its prefix) would leave the cache
+        stale: those steps recompute the window, so the logits are a full forward's."""
         block_size = self.config.block_size
         cache = KVCache(self.config.n_layer, block_size)
         window_start = max(0, idx.size(1) - block_size) # idx's position 0 in the cache
+        slides = self.cache_slides()
         for _ in range(max_new_tokens):
             if not kv_cache:
                 # if the sequence context is growing too long we must crop it at block_size
                 logits, _ = self(idx[:, -block_size:])
             else:
-                if cache.length == block_size:
+                if cache.length == block_size and slides:
+                    cache.drop_oldest()
+                elif cache.length == block_size:
                     window_start = idx.size(1) - block_size // 2
                     cache.length = 0
                 elif cache.length > 0 and self.earlier_query_sees(cache.length, idx.size(0)):
                     cache.length = 0
-                logits, _ = self(idx[:, window_start + cache.length:], kv_cache=cache)
+                cached = window_start + cache.dropped + cache.length # tokens of idx in the cache
+                logits, _ = self(idx[:, cached:], kv_cache=cache)
             logits = logits[:, -1, :]
             if temperature == 0:
                 idx_next = logits.argmax(-1, keepdim=True)
@@ -834,6 +974,13 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+    def cache_slides(self):
+        """Whether a full KV cache can drop its oldest position and go on (generate): RoPE's
+        positions, and every layer's mask and score reading positions only through their
+        difference (MuPFlexAttention.relative_positions)."""
+        return self.config.pos_emb == 'rope' and all(block.attn.relative_positions()
+                                                      for block in self.transformer.h)
 
     def earlier_query_sees(self, position, batch_size):
         """Whether any layer's mask lets a query before `position` see the key at `position`:

@@ -53,6 +53,15 @@ REFERENCE = dict(
     muon_lr_mult=1.0,
     muon_momentum=0.95,
     attn_cls='', # your attention class for every run: 'path/to/file.py:ClassName' or 'module:ClassName'
+    # the block (model.GPTConfig): GPT-2's by default
+    pos_emb='learned',
+    norm='layernorm',
+    norm_gain=True,
+    qk_norm=False,
+    mlp='gelu',
+    n_kv_head=0,
+    tie_weights=True,
+    dropout=0.0,
 )
 NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02) # train.py's defaults
 MUP_HPARAMS = ('log2_lr', *NEUTRAL) # the muTransfer hyperparameters of every run (Muon's lr multiplier aside)
@@ -67,7 +76,8 @@ _MUP_ONLY = ('base_width', 'mup_scale_weight_decay', 'mup_hidden_lr_exponent') #
 # settings that came after runs were recorded: at these values a run keeps the key it had before
 # they existed, so the recorded studies stay valid
 _LATER = dict(mup_base_depth=0, mup_depth_alpha=1.0, optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95,
-              attn_cls='')
+              attn_cls='', pos_emb='learned', norm='layernorm', norm_gain=True, qk_norm=False, mlp='gelu',
+              n_kv_head=0, tie_weights=True, dropout=0.0)
 _STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
 
 
@@ -90,7 +100,7 @@ def train(run, threads):
     base_width = run['base_width'] if run['param'] == 'mup' else 0 # 0: SP
     args = dict(device=run['device'], dataset=run['dataset'], compile=False, n_layer=run['n_layer'],
                 n_head=run['n_head'], n_embd=run['width'], mup_base_width=base_width,
-                batch_size=run['batch_size'], block_size=run['block_size'], dropout=0.0,
+                batch_size=run['batch_size'], block_size=run['block_size'],
                 learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, warmup_iters=run['warmup_iters'],
                 grad_clip=run['grad_clip'], weight_decay=run['weight_decay'], adam_eps=run['adam_eps'],
                 mup_scale_weight_decay=run['mup_scale_weight_decay'],

@@ -75,6 +75,14 @@ tie_weights = True
 attn_mod = 'causal'
 attn_backend = 'auto'
 attn_cls = '' # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
+# the block: GPT-2's by default; the modern options in any combination
+pos_emb = 'learned' # or 'rope'
+rope_base = 10000.0
+norm = 'layernorm' # or 'rmsnorm'
+norm_gain = True
+qk_norm = False
+mlp = 'gelu' # or 'relu2', 'swiglu'
+n_kv_head = 0 # 0 = n_head; fewer: grouped-query attention
 # muP (docs/mup.md): mup_base_width = 0 is SP
 mup_base_width = 0
 mup_base_head_dim = 0

@@ -72,6 +72,9 @@ MUTATIONS = {
                        "                width_lr = muon_lr_mult\n                decay = weight_decay\n",
                        "                width_lr = muon_lr_mult / info.width_mult\n"
                        "                decay = weight_decay * info.width_mult\n"),
+    'rope_restarts_when_the_cache_slides': ("a sliding RoPE cache rotates new tokens by their place in the window, not their position",
+                                            'model.py', "        return self.cache.dropped + self.cache.length\n",
+                                            "        return self.cache.length\n"),
     'muon_rms_matched': ("Moonshot's RMS-matched Muon update, 0.2 sqrt(max(A, B)), at a fixed lr", 'muon.py',
                          "return math.sqrt(max(1.0, fan_out / fan_in))",
                          "return 0.2 * math.sqrt(max(fan_out, fan_in))"),
@@ -85,7 +88,7 @@ FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_a
                  'test_untied_readout_keeps_the_base_lr_and_is_read_out_with_one_over_m',
                  'test_an_output_weight_in_a_block_takes_the_depth_rules_of_a_hidden_matrix')
 MUP_TESTS = ['tests/test_output_weights.py', 'tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
-             'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py']
+             'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py', 'tests/test_modern_block.py']
 
 
 def mutated_copy(name, into):

@@ -112,7 +112,7 @@ def test_bench_gpu_mode_on_cpu_says_it_needs_cuda(tmp_path):
 
 
 @pytest.mark.parametrize('args, wanted', [
-    (['--modes=speed'], "error: modes=speed: choose from 'train', 'attention', 'decode', 'distributed', 'gpu'"),
+    (['--modes=speed'], "error: modes=speed: choose from 'train', 'attention', 'block', 'decode', 'distributed', 'gpu'"),
     (['--optimizers=adamw,sgd'], "error: optimizers=adamw,sgd: choose from 'adamw', 'muon'"),
     (['--attn_backend=sdpa', '--attn_mod=alibi', '--device=cpu'],
      "error: attn_backend=sdpa cannot train attn_mod=alibi on cpu: use --attn_backend=all or one of ['auto', 'dense']"),
@@ -126,7 +126,7 @@ def test_bench_reports_a_bad_setting_in_one_line(tmp_path, args, wanted):
 
 
 @pytest.mark.parametrize('key, value, wanted', [
-    ('modes', ('train', 'speed'), "choose from 'train', 'attention', 'decode', 'distributed', 'gpu'"),
+    ('modes', ('train', 'speed'), "choose from 'train', 'attention', 'block', 'decode', 'distributed', 'gpu'"),
     ('attn_backend', 'fast', "use 'all' or one of"),
     ('parameterization', 'mu', "use 'sp', 'mup' or 'both'"),
     ('compile', 'yes', 'use False, True or both'),

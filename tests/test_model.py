@@ -152,14 +152,30 @@ def test_whole_model_agrees_across_backends():
 
 # ---- docs/mup.md invariant 1: muP at its base width is SP, exactly
 
+# the modern block's options (docs/mup.md, modern blocks), each alone and all together
+BLOCKS = {
+    'gpt2': dict(),
+    'rope': dict(pos_emb='rope'),
+    'rmsnorm': dict(norm='rmsnorm'),
+    'no_gains': dict(norm='rmsnorm', norm_gain=False, qk_norm=True),
+    'qk_norm': dict(qk_norm=True),
+    'relu2': dict(mlp='relu2'),
+    'swiglu': dict(mlp='swiglu'),
+    'gqa': dict(n_kv_head=2),
+    'all': dict(pos_emb='rope', norm='rmsnorm', qk_norm=True, mlp='relu2', n_kv_head=2, tie_weights=False),
+}
+
+
 @pytest.mark.parametrize("layout", [dict(), dict(mup_base_head_dim=16)])
 @pytest.mark.parametrize("attn_cls, untied", [(MuPFlexAttention, False), (HeadwiseGate, True)])
-def test_mup_equals_sp_at_base_width(layout, attn_cls, untied):
-    """With an output weight (the headwise gate) and the untied readout too: every muP class is
-    the identity at the base width."""
+@pytest.mark.parametrize("block", list(BLOCKS))
+def test_mup_equals_sp_at_base_width(layout, attn_cls, untied, block):
+    """With an output weight (the headwise gate), the untied readout, and every option of the
+    block: every muP class is the identity at the base width."""
     tie = dict(tie_weights=not untied)
-    sp = make(seed=3, attn_cls=attn_cls, **tie)
-    mup = make(seed=3, attn_cls=attn_cls, mup_base_width=64, **tie, **layout)
+    options = {**tie, **BLOCKS[block]}
+    sp = make(seed=3, attn_cls=attn_cls, **options)
+    mup = make(seed=3, attn_cls=attn_cls, mup_base_width=64, **options, **layout)
     for (n1, p1), (n2, p2) in zip(sp.named_parameters(), mup.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
     idx = tokens()
