@@ -74,7 +74,9 @@ def resume(out_dir, device, model_args, config, fsdp):
     differences = []
     for key, requested in model_args.items():
         saved = saved_args[key]
-        if key != 'attn_backend' and saved != requested:
+        # attn_backend is another kernel for the same function; vocab_size is the model's (the
+        # data's tokens are checked against it), not a setting
+        if key not in ('attn_backend', 'vocab_size') and saved != requested:
             differences.append(f"  {key}: checkpoint {saved!r} vs requested {requested!r}")
     if differences:
         heading = f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:"

@@ -36,7 +36,7 @@ from muon import Muon
 ATTN_BACKENDS = ('auto', 'sdpa', 'flex', 'dense')
 POS_EMBS = ('learned', 'rope')
 NORMS = ('layernorm', 'rmsnorm')
-MLPS = ('gelu', 'relu2', 'swiglu')
+MLPS = ('gelu', 'gelu_tanh', 'relu2', 'swiglu')
 
 
 @dataclass
@@ -72,7 +72,9 @@ class GPTConfig:
     norm: str = 'layernorm' # 'layernorm' or 'rmsnorm'
     norm_gain: bool = True # a learned gain in every norm (and QK-norm); False: parameter-free
     qk_norm: bool = False # RMSNorm of each head's q and k, before the rotation and the logit scale
-    mlp: str = 'gelu' # 'gelu', 'relu2' (ReLU squared) or 'swiglu' (at 8/3 n_embd: gelu's parameters)
+    # 'gelu', 'gelu_tanh' (GPT-2's released weights'), 'relu2' (ReLU squared) or 'swiglu' (at 8/3
+    # n_embd: gelu's parameters)
+    mlp: str = 'gelu'
     n_kv_head: int = 0 # key/value heads: 0 = n_head; fewer is grouped-query attention, 1 multi-query
     attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
     attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
@@ -435,7 +437,7 @@ class ReLUSquared(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's MLP (GELU), ReLU^2, or SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_fc), at the
+    """GPT-2's MLP (GELU, exact or tanh's), ReLU^2, or SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_fc), at the
     width config.mlp_width. Every matrix is muP-hidden: its fan-in and fan-out grow with width."""
 
     def __init__(self, config):
@@ -448,7 +450,7 @@ class MLP(nn.Module):
         elif config.mlp == 'relu2':
             self.act = ReLUSquared()
         else:
-            self.act = nn.GELU()
+            self.act = nn.GELU(approximate='tanh' if config.mlp == 'gelu_tanh' else 'none')
         self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
@@ -673,6 +675,20 @@ class GPT(nn.Module):
             return
         self.mup_param_info = self._classify_params()
         self._init_weights()
+
+    @classmethod
+    def from_pretrained(cls, source, **settings):
+        """GPT-2's weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local directory of
+        a transformers GPT-2) as a GPT: the architecture from the checkpoint, any other GPTConfig
+        setting (dropout, attn_backend, ...) from `settings`. An SP model, or muP with its own
+        width as the base: the same model (hf.check_gpt2_settings). Needs transformers (hf.py)."""
+        import hf
+        architecture, state = hf.load_gpt2(source)
+        config = GPTConfig(**{**settings, **architecture})
+        hf.check_gpt2_settings(config)
+        model = cls(config)
+        model.load_state_dict(state)
+        return model
 
     # ---- muP: the one place that decides each parameter's treatment (docs/mup.md)
     def _classify_params(self):

@@ -40,6 +40,7 @@ import torch
 
 import checkpoints
 import distributed
+import hf
 from configurator import (DTYPES, ConfigError, autocast, check_token_files, configure, read_meta,
                           require, resolve_device, resolve_dtype)
 from model import GPT, GPTConfig, device_peak_flops, set_lr
@@ -54,7 +55,9 @@ eval_iters = 200
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 keep_last_n = 0 # > 0: also keep the last n checkpoints as ckpt_<iter>.pt
-init_from = 'scratch' # 'scratch' or 'resume' (out_dir/ckpt.pt, with the same model settings)
+# 'scratch', 'resume' (out_dir/ckpt.pt, with the same model settings), or GPT-2's weights: 'gpt2',
+# 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local transformers GPT-2 directory (hf.py)
+init_from = 'scratch'
 skip_nonfinite = False # a non-finite loss or gradient: False stops the run, True skips the step
 # wandb logging
 wandb_log = False
@@ -148,7 +151,9 @@ require(config, 'dtype', dtype in DTYPES, "'auto', 'float32', 'bfloat16' or 'flo
 require(config, 'optimizer', optimizer in ('adamw', 'muon'), "'adamw' or 'muon'")
 require(config, 'muon_lr_mult', 0 < muon_lr_mult < math.inf, 'a finite number > 0')
 require(config, 'muon_momentum', 0 <= muon_momentum < 1, 'in [0, 1)')
-require(config, 'init_from', init_from in ('scratch', 'resume'), "'scratch' or 'resume'")
+require(config, 'init_from', init_from in ('scratch', 'resume', *hf.GPT2_SIZES) or os.path.isdir(init_from),
+        f"'scratch', 'resume', one of {', '.join(hf.GPT2_SIZES)}, or the path of a directory that "
+        f"transformers' GPT2LMHeadModel.save_pretrained wrote")
 device = resolve_device(device) # 'auto' becomes cuda, mps or cpu
 if fsdp and not procs.ddp:
     raise ConfigError("fsdp=True shards the model over torchrun's processes: launch with "
@@ -173,10 +178,9 @@ if meta is not None:
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
 model_args['vocab_size'] = vocab_size
 try:
-    gptconf = GPTConfig(**model_args)
+    GPTConfig(**model_args)
 except ValueError as e:
     raise ConfigError(str(e)) from None
-check_token_files(dataset, block_size, vocab_size, has_meta=meta is not None)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if procs.master: # fail now, not at the first checkpoint after a long stretch of training
     try:
@@ -186,10 +190,29 @@ if procs.master: # fail now, not at the first checkpoint after a long stretch of
         raise ConfigError(f"out_dir={out_dir!r} is not a writable directory ({e}): checkpoints "
                           f"are saved there; pass --out_dir=<a directory you can write>") from None
 checkpoint = None
+pretrained = None # GPT-2's weights, named as GPT's
 if init_from == 'resume':
     checkpoint, changed = checkpoints.resume(out_dir, device, model_args, config, fsdp)
     if changed and procs.master:
         print(f"resuming with settings changed from the checkpoint's run: {', '.join(changed)}")
+    model_args['vocab_size'] = checkpoint['model_args']['vocab_size'] # the model's: the data is checked against it
+elif init_from != 'scratch':
+    try:
+        architecture, pretrained = hf.load_gpt2(init_from)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # GPT-2's architecture from the checkpoint; its positions cropped to this run's block_size
+    model_args.update(architecture, block_size=min(block_size, architecture['block_size']))
+    pretrained['transformer.wpe.weight'] = pretrained['transformer.wpe.weight'][:model_args['block_size']]
+    print(f"initializing from {init_from}: " + ', '.join(f"{k}={model_args[k]!r}" for k in architecture))
+try:
+    gptconf = GPTConfig(**model_args)
+    if pretrained is not None:
+        hf.check_gpt2_settings(gptconf)
+except ValueError as e:
+    raise ConfigError(str(e)) from None
+block_size = gptconf.block_size # GPT-2 may have fewer positions than asked for
+check_token_files(dataset, block_size, gptconf.vocab_size, has_meta=meta is not None)
 
 # -----------------------------------------------------------------------------
 # the processes, the device and the precision
@@ -250,6 +273,9 @@ try:
 except ValueError as e: # the settings (or the attention class they name) cannot build a model
     raise ConfigError(str(e)) from None
 torch.manual_seed(seed + procs.rank)
+if pretrained is not None:
+    model.load_state_dict(pretrained)
+    pretrained = None # free up memory
 model.to(device)
 if procs.master:
     backends = {block.attn.resolve_backend(torch.device(device)) for block in model.transformer.h}

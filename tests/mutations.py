@@ -75,6 +75,18 @@ MUTATIONS = {
     'rope_restarts_when_the_cache_slides': ("a sliding RoPE cache rotates new tokens by their place in the window, not their position",
                                             'model.py', "        return self.cache.dropped + self.cache.length\n",
                                             "        return self.cache.length\n"),
+    'export_without_the_query_fold': ("the export leaves the logit scale's ratio out of the query projection", 'hf.py',
+                                      "                    state[prefix + name] = ratio * state[prefix + name]\n",
+                                      "                    state[prefix + name] = state[prefix + name]\n"),
+    'export_without_the_residual_fold': ("the export leaves CompleteP's residual multiplier out of the output projections",
+                                         'hf.py', "                state[prefix + name] = residual * state[prefix + name]\n",
+                                         "                state[prefix + name] = state[prefix + name]\n"),
+    'export_without_the_input_fold': ("the export leaves the input multiplier out of wte", 'hf.py',
+                                      "    state['transformer.wte.weight'] = c.mup_input_mult * state['transformer.wte.weight']\n",
+                                      "    state['transformer.wte.weight'] = state['transformer.wte.weight']\n"),
+    'export_without_the_readout_fold': ("the export leaves output_mult / m out of an untied lm_head", 'hf.py',
+                                        "        state['lm_head.weight'] = readout * model.lm_head.weight.detach().float()\n",
+                                        "        state['lm_head.weight'] = model.lm_head.weight.detach().float()\n"),
     'muon_rms_matched': ("Moonshot's RMS-matched Muon update, 0.2 sqrt(max(A, B)), at a fixed lr", 'muon.py',
                          "return math.sqrt(max(1.0, fan_out / fan_in))",
                          "return 0.2 * math.sqrt(max(fan_out, fan_in))"),
@@ -88,7 +100,8 @@ FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_a
                  'test_untied_readout_keeps_the_base_lr_and_is_read_out_with_one_over_m',
                  'test_an_output_weight_in_a_block_takes_the_depth_rules_of_a_hidden_matrix')
 MUP_TESTS = ['tests/test_output_weights.py', 'tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
-             'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py', 'tests/test_modern_block.py']
+             'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py', 'tests/test_modern_block.py',
+             'tests/test_hf.py']
 
 
 def mutated_copy(name, into):

@@ -176,6 +176,10 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     whole = torch.load(workdir / 'fsdp-killed-whole.pt', weights_only=False)['model']
     assert sorted(whole) == sorted(model.state_dict())
     assert all(torch.equal(p, whole[name]) for name, p in model.state_dict().items())
+    # and export_hf.py reads it too: transformers computes the muP model's logits
+    from test_hf import exported_logits_difference
+    ok(run_script('export_hf.py', f'--out_dir={cut_dir}', f'--hf_dir={workdir / "fsdp-killed-hf"}', cwd=workdir))
+    assert exported_logits_difference(cut_dir, workdir / 'fsdp-killed-hf') <= 1e-5
 
 
 def test_resuming_an_fsdp_checkpoint_without_fsdp_says_how(workdir, monkeypatch):
