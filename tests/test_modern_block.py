@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_gpt, text_batch, tokens
 from coord_check import run_widths, slopes, worst
-from model import GPT, GPTConfig, KVCache, MuPFlexAttention, rotate
+from model import GPT, GPTConfig, KVCache, MuPFlexAttention, rotary, rotate
 
 # each option alone, and the full combination of the issue (RoPE + QK-norm + RMSNorm + ReLU^2 +
 # GQA at n_kv_head = n_head / 2 + untied); n_kv_head 'half' is half the base model's heads
@@ -69,8 +69,8 @@ def test_swiglu_keeps_the_parameters_of_the_gelu_mlp():
 def test_rope_has_no_position_table_and_q_dot_k_depends_on_the_distance_only():
     assert 'transformer.wpe.weight' not in dict(make_gpt(pos_emb='rope').named_parameters())
     q, k = torch.randn(2, 1, 1, 1, 16, generator=torch.Generator().manual_seed(0))
-    score = lambda q_pos, k_pos: (rotate(q, torch.tensor([q_pos]), 10000.0)
-                                  * rotate(k, torch.tensor([k_pos]), 10000.0)).sum().item()
+    at = lambda x, pos: rotate(x, *rotary(torch.tensor([pos]), 16, 10000.0))
+    score = lambda q_pos, k_pos: (at(q, q_pos) * at(k, k_pos)).sum().item()
     assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5) # both 3 apart
     assert abs(score(5, 2) - score(12, 2)) > 1e-2
 
