@@ -46,6 +46,30 @@ def tokens(B=3, T=32, seed=1, vocab_size=TINY['vocab_size']):
     return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+# the modern block's options (docs/mup.md, modern blocks): each alone, and the full combination
+# of the issue (RoPE + QK-norm + RMSNorm + ReLU^2 + GQA at n_kv_head = n_head / 2 + untied);
+# n_kv_head 'half' is half the base model's heads
+BLOCK_OPTIONS = {
+    'rope': dict(pos_emb='rope'),
+    'rmsnorm': dict(norm='rmsnorm'),
+    'no_gains': dict(norm='rmsnorm', norm_gain=False, qk_norm=True),
+    'qk_norm': dict(qk_norm=True),
+    'relu2': dict(mlp='relu2'),
+    'swiglu': dict(mlp='swiglu'),
+    'gqa': dict(n_kv_head='half'),
+    'untied': dict(tie_weights=False),
+    'all': dict(pos_emb='rope', qk_norm=True, norm='rmsnorm', mlp='relu2', n_kv_head='half', tie_weights=False),
+}
+
+
+def block_options(name, base_heads=4):
+    """BLOCK_OPTIONS[name] with n_kv_head 'half' made a number."""
+    chosen = dict(BLOCK_OPTIONS[name])
+    if chosen.get('n_kv_head') == 'half':
+        chosen['n_kv_head'] = base_heads // 2
+    return chosen
+
+
 def run_script(script, *args, cwd, launcher=(sys.executable,), timeout=300, env=SCRIPT_ENV):
     """One of the project's scripts in a subprocess, from `cwd`, as a user runs it."""
     return subprocess.run([*launcher, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True,

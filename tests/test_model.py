@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, make_gpt as make, tokens
+from conftest import BLOCK_OPTIONS, TINY, block_options, make_gpt as make, tokens
 from gated_attention import HeadwiseGate
 from model import GPT, GPTConfig, MuPFlexAttention
 
@@ -152,28 +152,14 @@ def test_whole_model_agrees_across_backends():
 
 # ---- docs/mup.md invariant 1: muP at its base width is SP, exactly
 
-# the modern block's options (docs/mup.md, modern blocks), each alone and all together
-BLOCKS = {
-    'gpt2': dict(),
-    'rope': dict(pos_emb='rope'),
-    'rmsnorm': dict(norm='rmsnorm'),
-    'no_gains': dict(norm='rmsnorm', norm_gain=False, qk_norm=True),
-    'qk_norm': dict(qk_norm=True),
-    'relu2': dict(mlp='relu2'),
-    'swiglu': dict(mlp='swiglu'),
-    'gqa': dict(n_kv_head=2),
-    'all': dict(pos_emb='rope', norm='rmsnorm', qk_norm=True, mlp='relu2', n_kv_head=2, tie_weights=False),
-}
-
-
 @pytest.mark.parametrize("layout", [dict(), dict(mup_base_head_dim=16)])
 @pytest.mark.parametrize("attn_cls, untied", [(MuPFlexAttention, False), (HeadwiseGate, True)])
-@pytest.mark.parametrize("block", list(BLOCKS))
+@pytest.mark.parametrize("block", ['gpt2', *BLOCK_OPTIONS])
 def test_mup_equals_sp_at_base_width(layout, attn_cls, untied, block):
     """With an output weight (the headwise gate), the untied readout, and every option of the
     block: every muP class is the identity at the base width."""
     tie = dict(tie_weights=not untied)
-    options = {**tie, **BLOCKS[block]}
+    options = {**tie, **(block_options(block) if block != 'gpt2' else {})}
     sp = make(seed=3, attn_cls=attn_cls, **options)
     mup = make(seed=3, attn_cls=attn_cls, mup_base_width=64, **options, **layout)
     for (n1, p1), (n2, p2) in zip(sp.named_parameters(), mup.named_parameters()):

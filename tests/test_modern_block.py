@@ -9,41 +9,18 @@ import math
 import pytest
 import torch
 
-from conftest import make_gpt, text_batch, tokens
+from conftest import BLOCK_OPTIONS, block_options, make_gpt, text_batch, tokens
 from coord_check import run_widths, slopes, worst
 from model import GPT, GPTConfig, KVCache, MuPFlexAttention, rotary, rotate
 
-# each option alone, and the full combination of the issue (RoPE + QK-norm + RMSNorm + ReLU^2 +
-# GQA at n_kv_head = n_head / 2 + untied); n_kv_head 'half' is half the base model's heads
-OPTIONS = {
-    'rope': dict(pos_emb='rope'),
-    'rmsnorm': dict(norm='rmsnorm'),
-    'no_gains': dict(norm='rmsnorm', norm_gain=False, qk_norm=True),
-    'qk_norm': dict(qk_norm=True),
-    'relu2': dict(mlp='relu2'),
-    'swiglu': dict(mlp='swiglu'),
-    'gqa': dict(n_kv_head='half'),
-    'untied': dict(tie_weights=False),
-    'all': dict(pos_emb='rope', qk_norm=True, norm='rmsnorm', mlp='relu2', n_kv_head='half', tie_weights=False),
-}
-
-
-def options(name, base_heads=4):
-    """OPTIONS[name] with n_kv_head 'half' made a number."""
-    chosen = dict(OPTIONS[name])
-    if chosen.get('n_kv_head') == 'half':
-        chosen['n_kv_head'] = base_heads // 2
-    return chosen
-
-
 # ---- every backend computes the same function, for every option
 
-@pytest.mark.parametrize('name', list(OPTIONS))
+@pytest.mark.parametrize('name', list(BLOCK_OPTIONS))
 def test_every_backend_computes_each_option_alike(name):
     x, y = tokens(), tokens(seed=2)
     outputs = {}
     for backend in ('sdpa', 'dense', 'flex'):
-        gpt = make_gpt(seed=1, attn_backend=backend, **options(name))
+        gpt = make_gpt(seed=1, attn_backend=backend, **block_options(name))
         with torch.no_grad(): # an untied readout starts at zero: give the logits something to show
             gpt.lm_head.weight.normal_(std=0.02, generator=torch.Generator().manual_seed(0))
         if backend == 'flex': # flex has no backward on CPU: its forward is the reference
@@ -106,11 +83,11 @@ def coord_slopes(param, name, heads='fixed'):
     x, y, vocab = text_batch(16, 64, 0)
     base_heads = 4 if heads == 'fixed' else 2
     results = run_widths([64, 128, 256, 512], param, heads=heads, steps=4, lr=3e-3, seed=0, batch=(x, y, vocab),
-                         base_width=32, model_args=options(name, base_heads))
+                         base_width=32, model_args=block_options(name, base_heads))
     return {**slopes(results, 4, 'h'), **{f'd{k}': v for k, v in slopes(results, 4, 'dh').items()}}
 
 
-@pytest.mark.parametrize('name, heads', [(name, 'fixed') for name in OPTIONS if name != 'no_gains']
+@pytest.mark.parametrize('name, heads', [(name, 'fixed') for name in BLOCK_OPTIONS if name != 'no_gains']
                          + [('all', 'grow')])
 def test_mup_coord_check_is_flat_for_every_option(name, heads):
     s = coord_slopes('mup', name, heads)
@@ -163,9 +140,9 @@ def step_logits(gpt, prompt, steps):
 
 
 @pytest.mark.parametrize('backend', ['dense', 'flex'])
-@pytest.mark.parametrize('name', list(OPTIONS))
+@pytest.mark.parametrize('name', list(BLOCK_OPTIONS))
 def test_cached_decoding_equals_a_full_forward_for_every_option(name, backend):
-    gpt = decoder(attn_backend=backend, attn_mod='alibi', **options(name))
+    gpt = decoder(attn_backend=backend, attn_mod='alibi', **block_options(name))
     prompt = tokens(2, PROMPT, vocab_size=VOCAB)
     out, logits = step_logits(gpt, prompt, 32 - PROMPT)
     with torch.no_grad():
