@@ -18,17 +18,17 @@ mlp = 'relu2'
 n_kv_head = n_head // 2
 tie_weights = False
 optimizer = 'muon'
+# QK-norm without gains bounds every attention logit by mup_attn_mult * sqrt(base head dim), 4 at
+# both recipes' base head dim 16 (docs/mup.md, modern blocks): x2 lets the heads sharpen
+mup_attn_mult = 2.0
+min_lr = 0.0 # the cosine decays to zero
 if torch.cuda.is_available():
-    muon_lr_mult = 1.0 # not tuned on a GPU: the CPU recipe's multiplier, as a start
+    muon_lr_mult = 1.0 # not tuned on a GPU: the CPU recipe's values, as a start
 else:
     # the best at width 64 on the 2200-step schedule (AdamW's best, 2^-8, ended 0.10 higher)
     learning_rate = 2 ** -6
     muon_lr_mult = 1.0
     init_std = 0.04
-    # QK-norm without gains bounds every attention logit by mup_attn_mult * sqrt(base head dim)
-    # = 4 here (docs/mup.md, the 1/d logit scale): x2 lets the heads sharpen (docs/mup-study.md)
-    mup_attn_mult = 2.0
-    min_lr = 0.0
     # 1800 steps, not the GPT-2 block's 2200: the job's 10 minutes on a 2-core CPU
     max_iters = lr_decay_iters = 1800
     eval_interval = 450
