@@ -136,10 +136,10 @@ def capturing(attn_cls):
         return functools.partial(capturing(attn_cls.func), *attn_cls.args, **attn_cls.keywords)
 
     class CapturingAttention(attn_cls):
-        def attend(self, q, k, v, mask):
-            self.probs = attention_probs(q, k, mask, self.active_score_mod(), self.scale)
+        def attend(self, q, k, v, mask): # the dense backend's Mask: its data is a bool tensor
+            self.probs = attention_probs(q, k, mask.data, self.active_score_mod(), self.scale)
             self.probs.retain_grad()
-            self.mask = mask.expand(self.probs.shape)
+            self.mask = mask.data.expand(self.probs.shape)
             return self.probs @ repeat_heads(v, q.size(1)) # grouped-query attention: fewer value heads
     return CapturingAttention
 

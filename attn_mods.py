@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 from torch.nn import functional as F
 
 
@@ -50,6 +51,14 @@ def alibi(slopes):
 def alibi_slopes(n_head):
     return 2.0 ** (-8.0 * torch.arange(1, n_head + 1) / n_head)
 
+def add_alibi_slopes(attn, arg):
+    """ALiBi's slopes on the attention module: one per head, learned ('alibi:learned': a muP
+    vector, lr as is, no decay) or a fixed buffer."""
+    if arg == 'learned':
+        attn.alibi_slopes = nn.Parameter(alibi_slopes(attn.n_head))
+    else:
+        attn.register_buffer('alibi_slopes', alibi_slopes(attn.n_head), persistent=False)
+
 def soft_cap(cap):
     """Gemma 2: squash the attention logits smoothly into (-cap, cap)."""
     def soft_cap_score(score, b, h, q_idx, kv_idx):
@@ -73,6 +82,7 @@ class CatalogEntry:
     accepts: Callable[[str], bool]
     usage: str
     relative: bool = True # reads positions only through q_idx - kv_idx (a RoPE cache may slide)
+    setup: Callable | None = None # setup(attn, arg) at the module's init: the tensors a mod reads
 
 
 def _no_argument(arg):
@@ -111,7 +121,8 @@ ATTN_MODS = {
     'alibi': CatalogEntry(
         build=lambda attn, arg: Mods(causal, alibi(attn.alibi_slopes)),
         accepts=_alibi_argument,
-        usage="attn_mod='alibi' (fixed slopes) or 'alibi:learned'"),
+        usage="attn_mod='alibi' (fixed slopes) or 'alibi:learned'",
+        setup=add_alibi_slopes),
     'soft_cap': CatalogEntry(
         build=lambda attn, arg: Mods(causal, soft_cap(float(arg))),
         accepts=_positive_finite,

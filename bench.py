@@ -36,6 +36,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from configurator import (DTYPES, ConfigError, autocast, configure, first_line, require, resolve_device,
                           resolve_dtype)
 from attn_mods import ATTN_MODS, parse_attn_mod
+from generate import KVCache, cache_slides
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
 # -----------------------------------------------------------------------------
@@ -364,9 +365,10 @@ def decode_rows(block_sizes, mods, prompt_len, new_tokens, device, ptdtype, n_la
         model = GPT(cfg).to(device).eval()
         prompt = torch.randint(vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
         prompt = prompt.to(device)
+        slots = KVCache(n_layer, block, cache_slides(model)).capacity # a sliding cache has 2 blocks
         row = dict(block_size=block, mod=spec, block=block_name,
                    backend=model.transformer.h[0].attn.resolve_backend(device),
-                   cache_mb=2 * n_layer * cfg.kv_heads * block * cfg.head_dim * ptdtype.itemsize / 2**20)
+                   cache_mb=2 * n_layer * cfg.kv_heads * slots * cfg.head_dim * ptdtype.itemsize / 2**20)
         for path, kv_cache in (('cached', True), ('recompute', False)):
             with ctx:
                 model.generate(prompt, 8, temperature=0, kv_cache=kv_cache) # warm-up
@@ -442,16 +444,17 @@ def gpu_benchmarks(device, ptdtype):
     def flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION): # fail rather than time another kernel
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=flex.scale)
-    block_mask = flex.make_mask(B, T, device)
+    mask = flex.make_mask(B, T, device)
+    block_mask = mask.data
     fns = {'flash': fwd_bwd(flash, q, k, v, grad_out),
-           'flex': fwd_bwd(lambda q, k, v: flex.attend(q, k, v, block_mask), q, k, v, grad_out)}
+           'flex': fwd_bwd(lambda q, k, v: flex.attend(q, k, v, mask), q, k, v, grad_out)}
     # the FLASH backend needs flash-attn's CuTe kernels installed: try it, and say why not
     flex_flash_backend = torch.compile(functools.partial(
         flex_attention, block_mask=block_mask, scale=flex.scale, kernel_options={'BACKEND': 'FLASH'}))
     try:
         out = flex_flash_backend(q, k, v)
         out.backward(grad_out) # the backward too: it may be the part this torch lacks
-        difference = (out - flex.attend(q, k, v, block_mask)).abs().max().item()
+        difference = (out - flex.attend(q, k, v, mask)).abs().max().item()
         fns['flex FLASH backend'] = fwd_bwd(flex_flash_backend, q, k, v, grad_out)
         flash_backend_note = f"max |output difference| from flex's Triton kernel {difference:.3g}"
     except Exception as e: # whatever torch raises when the backend cannot be used here

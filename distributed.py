@@ -57,7 +57,7 @@ def shard(model, ptdtype):
     """FSDP2: every Block, then the root (embeddings, ln_f, the readout), holds its parameters
     sharded across the processes and gathers them only for its forward and backward. bf16
     compute with fp32 gradient reduction when training in bf16, fp32 otherwise. The muP param
-    groups were decided by name before (GPT._classify_params), so sharding changes none."""
+    groups were decided by name before (mup.classify_params), so sharding changes none."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if ptdtype == torch.bfloat16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

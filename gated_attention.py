@@ -24,8 +24,8 @@ class HeadwiseGate(MuPFlexAttention):
         super().__init__(config)
         self.gate = nn.Linear(config.n_embd, config.n_head, bias=False) # muP: an output weight
 
-    def forward(self, x, mask, kv_cache=None):
-        q, k, v = self.qkv(x, kv_cache)
+    def forward(self, x, mask, rope=None, kv_cache=None):
+        q, k, v = self.qkv(x, rope, kv_cache)
         y = self.attend(q, k, v, mask) # (B, n_head, T, head_dim)
         gates = torch.sigmoid(self.gate(x)) # (B, T, n_head)
         return self.output(y * gates.transpose(1, 2).unsqueeze(-1))

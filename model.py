@@ -3,8 +3,9 @@ A GPT language model with one switch between the standard parameterization (SP) 
 Maximal Update Parameterization (muP), and attention written as FlexAttention mods.
 
 - `mup_base_width = 0` is plain nanoGPT. `mup_base_width > 0` is muP relative to a model of
-  that width: `GPT._classify_params` decides each parameter's treatment (init, learning rate,
-  weight decay) and three forward multipliers do the rest (input, attention logits, readout).
+  that width: mup.py decides each parameter's treatment (init, learning rate, weight decay)
+  from its shape, and three forward multipliers here do the rest (input, attention logits,
+  readout).
   docs/mup.md states the rules, the invariants the tests check, and the papers behind them.
 - An attention pattern is a `mask_mod(b, h, q_idx, kv_idx)` and a
   `score_mod(score, b, h, q_idx, kv_idx)`, as in torch.nn.attention.flex_attention. Subclass
@@ -19,17 +20,19 @@ import importlib.util
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from attn_mods import (ATTN_MODS, alibi_slopes, causal, dense_attention, dense_mask, parse_attn_mod,
-                       vmap_bhqkv)
-from muon import Muon
+from attn_mods import ATTN_MODS, causal, dense_attention, dense_mask, parse_attn_mod
+import generate
+import mup
+from mup import fan_in_dim, set_lr # noqa: F401 (what users import from model)
 
 # -----------------------------------------------------------------------------
 
@@ -193,7 +196,7 @@ class Norm(nn.Module):
 def rotary(positions, head_dim, base):
     """The cos and sin (T, 1, head_dim/2) of rotary position embedding's angles (Su et al. 2021)
     at `positions` (T,): position * base^(-2i/head_dim), shaped for (B, T, H, head_dim) inputs.
-    Computed once per layer's forward, for q and k."""
+    GPT.forward computes them once, for q and k of every layer."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.to(torch.float32)[:, None, None] * inv_freq
     return angles.cos(), angles.sin()
@@ -224,13 +227,20 @@ class QKV(nn.Module):
         return F.linear(x, torch.cat([self.q.weight, self.k.weight, self.v.weight]), bias)
 
 
+class Mask(NamedTuple):
+    """The mask a layer attends under in one forward, and the backend it was built for (one of
+    BACKENDS): MuPFlexAttention.make_mask builds it, attend hands it to that backend."""
+    backend: str
+    data: object # 'sdpa': None (SDPA's own causal mask); 'flex': a BlockMask; 'dense': a bool tensor
+
+
 class MuPFlexAttention(nn.Module):
     """Multi-head causal self-attention whose pattern is a FlexAttention mask_mod and score_mod.
 
     Subclasses override `mask_mod(b, h, q_idx, kv_idx)` and/or `score_mod(score, b, h, q_idx,
     kv_idx)`; the defaults are the config's attn_mod. `score` arrives already scaled by muP's
     logit scale: never rescale it. Parameters a subclass creates in __init__ are classified by
-    shape (GPT._classify_params) and get muP's init, learning rate and weight decay, and
+    shape (mup.classify_params) and get muP's init, learning rate and weight decay, and
     gradients on every backend.
 
     Layers of one class and attn_mod share the mask of a forward: GPT.forward builds it once,
@@ -238,6 +248,9 @@ class MuPFlexAttention(nn.Module):
     differ between those layers. Such a mask is rebuilt at every forward; one that reads only
     positions (the catalog's, or a subclass's that sets `static_mask = True`) is built once per
     sequence length and device and reused.
+
+    The forward is three steps a subclass can reuse (gated_attention.py does): qkv (project,
+    QK-norm, rotate, join the KV cache), attend (the backend's kernel), output (the projection).
     """
 
     # True: this class's own mask_mod reads nothing but the positions and the config, so its
@@ -253,7 +266,6 @@ class MuPFlexAttention(nn.Module):
         self.n_kv_head = config.kv_heads
         self.head_dim = config.head_dim
         self.c_attn = QKV(config.n_embd, config.kv_heads * config.head_dim, config.bias)
-        self.rope_base = config.rope_base if config.pos_emb == 'rope' else None
         self.q_norm = self.k_norm = None
         if config.qk_norm: # QK-norm (OLMo 2, Qwen3, nanochat): each head's q and k at RMS 1
             self.q_norm = Norm(config.head_dim, 'rmsnorm', config.norm_gain)
@@ -269,11 +281,8 @@ class MuPFlexAttention(nn.Module):
         self.attn_mod = config.attn_mod
         self.backend = config.attn_backend
         name, arg = parse_attn_mod(config.attn_mod)
-        if name == 'alibi' and arg == 'learned':
-            # one slope per head: a 'vector' to muP (lr as is, no decay)
-            self.alibi_slopes = nn.Parameter(alibi_slopes(config.n_head))
-        elif name == 'alibi':
-            self.register_buffer('alibi_slopes', alibi_slopes(config.n_head), persistent=False)
+        if ATTN_MODS[name].setup is not None:
+            ATTN_MODS[name].setup(self, arg) # the mod's own tensors (ALiBi's slopes)
         if self.backend == 'sdpa' and not self.is_plain_causal():
             raise ValueError(f"attn_backend='sdpa' runs plain causal attention only, but "
                              f"{type(self).__name__} with attn_mod={self.attn_mod!r} has a mask_mod "
@@ -283,6 +292,10 @@ class MuPFlexAttention(nn.Module):
     def pattern(self):
         """What layers that share a mask have in common: the class and the attn_mod string."""
         return (type(self), self.attn_mod)
+
+    def overrides(self, name):
+        """Whether this module's class replaces MuPFlexAttention's method `name` (a mod, say)."""
+        return getattr(type(self), name) is not getattr(MuPFlexAttention, name)
 
     def catalog_mods(self):
         """The Mods (mask_mod, score_mod) of this module's attn_mod string."""
@@ -297,33 +310,29 @@ class MuPFlexAttention(nn.Module):
 
     def has_score_mod(self):
         """False only where scores pass unchanged: no score_mod override, none in the catalog."""
-        overridden = type(self).score_mod is not MuPFlexAttention.score_mod
-        return overridden or self.catalog_mods().score_mod is not None
+        return self.overrides('score_mod') or self.catalog_mods().score_mod is not None
 
     def mask_reads_data(self):
         """Whether the mask must be rebuilt at every forward: a subclass's own mask_mod or
         make_mask may read tensors it was given (document ids, a graph), unless the class sets
         static_mask = True. The catalog's masks read only positions."""
-        own_mask_mod = type(self).mask_mod is not MuPFlexAttention.mask_mod
-        own_make_mask = type(self).make_mask is not MuPFlexAttention.make_mask
-        return (own_mask_mod or own_make_mask) and not type(self).static_mask
+        own_mask = self.overrides('mask_mod') or self.overrides('make_mask')
+        return own_mask and not type(self).static_mask
 
     def relative_positions(self):
         """Whether the mask and the score depend on positions only through q_idx - kv_idx, so that
-        with RoPE a full KV cache can slide (GPT.generate). The catalog's do, but prefix_lm's; a
+        with RoPE a full KV cache can slide (generate.py). The catalog's do, but prefix_lm's; a
         subclass's own mask_mod or score_mod is taken not to, unless the class sets
         relative_mods = True."""
-        own_mask_mod = type(self).mask_mod is not MuPFlexAttention.mask_mod
-        own_score_mod = type(self).score_mod is not MuPFlexAttention.score_mod
-        if (own_mask_mod or own_score_mod) and not type(self).relative_mods:
+        own_mods = self.overrides('mask_mod') or self.overrides('score_mod')
+        if own_mods and not type(self).relative_mods:
             return False
         name, _ = parse_attn_mod(self.attn_mod)
         return ATTN_MODS[name].relative
 
     def is_plain_causal(self):
         """Causal attention with nothing added: what SDPA's fused kernels compute."""
-        overridden = type(self).mask_mod is not MuPFlexAttention.mask_mod
-        causal_mask = not overridden and self.catalog_mods().mask_mod is causal
+        causal_mask = not self.overrides('mask_mod') and self.catalog_mods().mask_mod is causal
         return causal_mask and not self.has_score_mod()
 
     def active_score_mod(self, q_offset=0):
@@ -337,8 +346,9 @@ class MuPFlexAttention(nn.Module):
         return score_mod
 
     def resolve_backend(self, device):
-        """'auto': SDPA's fused kernels for plain causal attention; else flex on CUDA, and the
-        dense reference elsewhere (flex has no backward on CPU). 'sdpa' was checked in __init__."""
+        """The name of the backend (a key of BACKENDS) this layer runs on `device`. 'auto':
+        SDPA's fused kernels for plain causal attention; else flex on CUDA, and the dense
+        reference elsewhere (flex has no backward on CPU). 'sdpa' was checked in __init__."""
         if self.backend != 'auto':
             return self.backend
         if self.is_plain_causal():
@@ -348,56 +358,23 @@ class MuPFlexAttention(nn.Module):
         return 'dense'
 
     def make_mask(self, B, T, device, q_offset=0):
-        """The mask of B sequences of T queries at positions q_offset.. over the keys 0 .. q_offset
-        + T - 1 (q_offset > 0: decoding after cached keys), for this layer's backend: None (SDPA's
-        own causal mask), a flex BlockMask, or a boolean tensor (dense). B=None: one mask for
-        every sequence (a mask that reads no data). Only the dims a mask varies along are kept:
-        the catalog's masks are the same for every head (a flex BlockMask with H = None), and
-        the dense mask drops each dim it does not vary along."""
+        """The Mask of B sequences of T queries at positions q_offset.. over the keys 0 .. q_offset
+        + T - 1 (q_offset > 0: decoding after cached keys), for this layer's backend on `device`.
+        B=None: one mask for every sequence (a mask that reads no data)."""
         backend = self.resolve_backend(device)
-        if backend == 'sdpa':
-            return None
-        if backend == 'flex':
-            def mask_mod(b, h, q_idx, kv_idx): # flex counts queries from 0: add their offset
-                return self.mask_mod(b, h, q_idx + q_offset, kv_idx)
-            H = self.n_head
-            if type(self).mask_mod is MuPFlexAttention.mask_mod:
-                H = None
-            return create_block_mask(mask_mod, B, H, T, q_offset + T, device=device)
-        mask_mod = lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx, kv_idx)
-        return dense_mask(mask_mod, B or 1, self.n_head, T, device, q_offset)
+        return Mask(backend, BACKENDS[backend].make_mask(self, B, T, device, q_offset))
 
     def attend(self, q, k, v, mask):
         """q: (B, n_head, Tq, head_dim), k and v: (B, n_kv_head, Tk, head_dim) -> like q; the
         queries are the last Tq positions of the keys (Tk > Tq after cached keys); mask from
-        make_mask."""
+        make_mask, whose backend runs it."""
         dropout_p = self.dropout if self.training else 0.0
-        Tq, Tk = q.size(2), k.size(2)
-        gqa = self.n_kv_head != self.n_head # SDPA and flex read each key/value head n_head / n_kv times
-        if mask is None:
-            if Tq == Tk:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                      dropout_p=dropout_p, enable_gqa=gqa)
-            # is_causal aligns the mask's top-left corners: a query after cached keys would see
-            # only the first keys. Its position is at the bottom right.
-            lower_right = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=self.scale,
-                                                  dropout_p=dropout_p, enable_gqa=gqa)
-        if isinstance(mask, BlockMask):
-            if q.device.type == 'cuda' and Tq == Tk:
-                flex = compiled_flex_attention()
-            else:
-                # eager off CUDA, and for queries after cached keys: their key length changes at
-                # every decoding step, which would recompile the fused kernel each time, and one
-                # row of scores per query is small enough to materialize
-                flex = flex_attention
-            return flex(q, k, v, score_mod=self.active_score_mod(Tk - Tq), block_mask=mask,
-                        scale=self.scale, enable_gqa=gqa)
-        return dense_attention(q, k, v, mask, self.active_score_mod(), self.scale, dropout_p)
+        return BACKENDS[mask.backend].attend(self, q, k, v, mask.data, dropout_p)
 
-    def qkv(self, x, kv_cache=None):
+    def qkv(self, x, rope=None, kv_cache=None):
         """The queries (B, n_head, T, head_dim), keys and values (B, n_kv_head, T, head_dim) of x
-        (B, T, n_embd): QK-normed and rotated where the config says so; with a KV cache the keys
+        (B, T, n_embd): QK-normed where the config says so, rotated by `rope` (the (cos, sin) of
+        x's positions, which GPT.forward computes once for every layer); with a KV cache the keys
         and values of the cached positions come first."""
         B, T, C = x.size() # batch size, sequence length, embedding dimensionality (n_embd)
         kv_dim = self.n_kv_head * self.head_dim
@@ -409,10 +386,8 @@ class MuPFlexAttention(nn.Module):
         # GPT-2's (docs/mup-study.md, the modern block)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_base is not None:
-            start = 0 if kv_cache is None else kv_cache.position # the position of x's first token
-            cos, sin = rotary(torch.arange(start, start + T, device=x.device), self.head_dim, self.rope_base)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2) # (B, nh or n_kv, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v) # this layer's keys and values so far, the new ones last
@@ -425,16 +400,80 @@ class MuPFlexAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, -1) # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
-    def forward(self, x, mask, kv_cache=None):
-        q, k, v = self.qkv(x, kv_cache)
+    def forward(self, x, mask, rope=None, kv_cache=None):
+        q, k, v = self.qkv(x, rope, kv_cache)
         y = self.attend(q, k, v, mask)
         return self.output(y)
+
+# ---- the attention backends: how each builds a layer's mask and attends under it
+
+def sdpa_mask(attn, B, T, device, q_offset):
+    return None # SDPA's own causal mask (attend puts queries after cached keys at their place)
+
+
+def sdpa_attend(attn, q, k, v, mask, dropout_p):
+    """Plain causal attention in SDPA's fused kernels."""
+    Tq, Tk = q.size(2), k.size(2)
+    gqa = attn.n_kv_head != attn.n_head # SDPA reads each key/value head n_head / n_kv_head times
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale,
+                                              dropout_p=dropout_p, enable_gqa=gqa)
+    # is_causal aligns the mask's top-left corners: a query after cached keys would see only the
+    # first keys. Its position is at the bottom right.
+    lower_right = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=lower_right, scale=attn.scale,
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def flex_mask(attn, B, T, device, q_offset):
+    """A BlockMask; one for every head (H=None) where the mask_mod is the catalog's, which reads
+    no head."""
+    def mask_mod(b, h, q_idx, kv_idx): # flex counts queries from 0: add their offset
+        return attn.mask_mod(b, h, q_idx + q_offset, kv_idx)
+    H = attn.n_head if attn.overrides('mask_mod') else None
+    return create_block_mask(mask_mod, B, H, T, q_offset + T, device=device)
+
+
+def flex_attend(attn, q, k, v, block_mask, dropout_p):
+    """flex_attention with the score_mod; its fused kernel on CUDA (no dropout: flex has none)."""
+    Tq, Tk = q.size(2), k.size(2)
+    if q.device.type == 'cuda' and Tq == Tk:
+        flex = compiled_flex_attention()
+    else:
+        # eager off CUDA, and for queries after cached keys: their key length changes at every
+        # decoding step, which would recompile the fused kernel each time, and one row of scores
+        # per query is small enough to materialize
+        flex = flex_attention
+    return flex(q, k, v, score_mod=attn.active_score_mod(Tk - Tq), block_mask=block_mask,
+                scale=attn.scale, enable_gqa=attn.n_kv_head != attn.n_head)
 
 
 @functools.cache
 def compiled_flex_attention():
     """flex_attention only becomes a fused kernel under torch.compile; compiled once, lazily."""
     return torch.compile(flex_attention, dynamic=False)
+
+
+def dense_mask_of(attn, B, T, device, q_offset):
+    """A boolean tensor that drops each dim it does not vary along (causal: (1, 1, T, T))."""
+    mask_mod = lambda b, h, q_idx, kv_idx: attn.mask_mod(b, h, q_idx, kv_idx)
+    return dense_mask(mask_mod, B or 1, attn.n_head, T, device, q_offset)
+
+
+def dense_attend(attn, q, k, v, mask, dropout_p):
+    """The reference that trains anywhere: flex's semantics in plain tensor ops (attn_mods.py)."""
+    return dense_attention(q, k, v, mask, attn.active_score_mod(), attn.scale, dropout_p)
+
+
+class Backend(NamedTuple):
+    """How one attention backend builds a layer's mask and attends under it."""
+    make_mask: Callable # (attn, B, T, device, q_offset) -> the mask's data
+    attend: Callable # (attn, q, k, v, the mask's data, dropout_p) -> the head outputs
+
+
+# the attn_backend settings but 'auto', which MuPFlexAttention.resolve_backend turns into one
+BACKENDS = {'sdpa': Backend(sdpa_mask, sdpa_attend), 'flex': Backend(flex_mask, flex_attend),
+            'dense': Backend(dense_mask_of, dense_attend)}
 
 
 class ReLUSquared(nn.Module):
@@ -483,108 +522,12 @@ class Block(nn.Module):
         # the same size as depth grows (docs/mup.md, depth); 1 without depth scaling
         self.residual_mult = config.depth_mult ** -config.mup_depth_alpha
 
-    def forward(self, x, mask, kv_cache=None):
-        x = x + self.residual_mult * self.attn(self.ln_1(x), mask, kv_cache)
+    def forward(self, x, mask, rope=None, kv_cache=None):
+        x = x + self.residual_mult * self.attn(self.ln_1(x), mask, rope, kv_cache)
         x = x + self.residual_mult * self.mlp(self.ln_2(x))
         return x
 
 # -----------------------------------------------------------------------------
-
-def set_lr(optimizer, lr):
-    """Every param group at lr times its muP lr_scale: how the schedule meets muP, in one place."""
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group['lr_scale']
-
-
-class Optimizers:
-    """Several optimizers used as one (Muon for the hidden matrices, AdamW for the rest): the
-    training loop, GradScaler and checkpoints see one param_groups list, step and state."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
-
-    def step(self):
-        for optimizer in self.optimizers:
-            optimizer.step()
-
-    def zero_grad(self, set_to_none=True):
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return [optimizer.state_dict() for optimizer in self.optimizers]
-
-    def load_state_dict(self, state_dicts):
-        for optimizer, state_dict in zip(self.optimizers, state_dicts, strict=True):
-            optimizer.load_state_dict(state_dict)
-
-
-class KVCache:
-    """The keys and values of every layer for the positions decoded so far: (n_layer, B, n_head,
-    max_len, head_dim) tensors, allocated at the first append in the dtype of the keys, and
-    their length. A plain object that GPT.generate owns for one call: the modules keep nothing.
-    GPT.forward(idx, kv_cache=cache) runs idx as the positions after the cached ones, and each
-    attention layer appends its new keys and values through cache.layer(i)."""
-
-    def __init__(self, n_layer, max_len):
-        self.n_layer = n_layer
-        self.max_len = max_len
-        self.k = None
-        self.v = None
-        self.length = 0
-        self.dropped = 0 # positions dropped from the front by drop_oldest (RoPE's sliding window)
-
-    def layer(self, index):
-        return LayerKVCache(self, index)
-
-    def append(self, layer, k, v):
-        """Store k, v (B, n_kv_head, T, head_dim) at the positions after the cached ones; return
-        the layer's keys and values up to them. GPT.forward advances `length` after the last layer."""
-        if self.k is None:
-            B, n_kv_head, _, head_dim = k.shape
-            shape = (self.n_layer, B, n_kv_head, self.max_len, head_dim)
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(shape, dtype=v.dtype, device=v.device)
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def drop_oldest(self):
-        """Forget the oldest cached position of every layer, making room for one more: a full
-        cache slides by one instead of being prefilled again. Only where attention depends on
-        positions through their differences alone (RoPE, relative mods): the keys keep the
-        rotation of their true positions, which the next token's continue (`dropped`)."""
-        self.k[:, :, :, :-1] = self.k[:, :, :, 1:].clone()
-        self.v[:, :, :, :-1] = self.v[:, :, :, 1:].clone()
-        self.length -= 1
-        self.dropped += 1
-
-
-class LayerKVCache(NamedTuple):
-    """One layer's view of a KVCache, what an attention module receives."""
-    cache: KVCache
-    layer: int
-
-    @property
-    def position(self):
-        """The true position of the first token this forward appends (RoPE's angle)."""
-        return self.cache.dropped + self.cache.length
-
-    def append(self, k, v):
-        return self.cache.append(self.layer, k, v)
-
-
-class ParamInfo(NamedTuple):
-    """What muP needs to know of one parameter (docs/mup.md, per-parameter rules)."""
-    kind: str # 'hidden', 'embedding', 'output', 'readout' or 'vector' (GPT._classify_params)
-    width_mult: float # how much its fan-in has grown: m where the fan-in grows with width, else 1
-    in_block: bool # inside a residual branch, where depth scaling applies
-
 
 class Readout(nn.Linear):
     """The readout, logits = output_mult / m * (x W^T): muP's output multiplier in the forward
@@ -600,18 +543,6 @@ class Readout(nn.Linear):
     def forward(self, x):
         # muP's readout multiplier output_mult / m (docs/mup.md, per-parameter rules)
         return super().forward(x) * (self.output_mult / self.width_mult)
-
-
-def fan_in_dim(param, owner):
-    """The dim of a weight that its input is summed over. A `fan_in_dim` attribute on the
-    parameter says it outright (the override, for a raw parameter used as `x @ W`); else an
-    nn.Embedding's is 0 (its one-hot input picks a row of (num, dim)), and every other weight's
-    is 1: nn.Linear's (out, in) and torch.nn.init's convention for any other weight."""
-    if hasattr(param, 'fan_in_dim'):
-        return param.fan_in_dim
-    if isinstance(owner, nn.Embedding):
-        return 0
-    return 1
 
 
 def load_attn_cls(spec):
@@ -681,7 +612,7 @@ class GPT(nn.Module):
         self.static_masks = {}
         if _shapes_only: # a throwaway model on the meta device, only read for its parameter shapes
             return
-        self.mup_param_info = self._classify_params()
+        self.mup_param_info = mup.classify_params(self) # each parameter's muP class, by shape
         self._init_weights()
 
     @classmethod
@@ -697,69 +628,6 @@ class GPT(nn.Module):
         model = cls(config)
         model.load_state_dict(state)
         return model
-
-    # ---- muP: the one place that decides each parameter's treatment (docs/mup.md)
-    def _classify_params(self):
-        """{name: ParamInfo}: each parameter's muP class, found by comparing its shape with the
-        same parameter in the base-width model (microsoft/mup's set_base_shapes idea), so that
-        parameters a subclass adds are treated right without a list of names.
-
-        A dim grows if it differs from the base model's (at the base width: from a 2x wider
-        model's). Which dim is the fan-in comes from the module that owns the weight (fan_in_dim).
-        docs/mup.md, per-parameter rules:
-        - 'hidden': two or more dims grow (c_attn, c_proj, c_fc; a subclass's n_embd x n_embd);
-        - 'output': one dim grows, the fan-in (a headwise gate Linear(n_embd, n_head), a router);
-        - 'embedding': one dim grows, not the fan-in (wte, wpe, a Linear(n_head, n_embd)), or none
-          (a per-head table): input weights and finite tables;
-        - 'readout': the Readout's weight when untied (its 1/m is in its forward);
-        - 'vector': one dim (LayerNorm gains, biases, learned ALiBi slopes)."""
-        c = self.config
-        base_width = c.mup_base_width or c.n_embd
-        base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim,
-                       mup_base_width=0, mup_base_head_dim=0)
-        base_shapes = self._param_shapes(base)
-        at_base_width = c.n_embd == base_width
-        if at_base_width: # nothing differs from the base model here: compare with a wider one,
-            # widened as this layout widens (more heads where the base head dim is set)
-            wider = replace(base, n_embd=2 * base_width)
-            if c.mup_base_head_dim:
-                wider = replace(wider, n_head=2 * base_width // c.base_head_dim)
-            compared_shapes = self._param_shapes(wider)
-        owners = {}
-        for module_name, module in self.named_modules():
-            for param_name, _ in module.named_parameters(prefix=module_name, recurse=False):
-                owners[param_name] = module
-        info = {}
-        for name, p in self.named_parameters():
-            if name not in base_shapes:
-                raise ValueError(f"parameter {name} does not exist in the base-width model: create "
-                                 f"parameters in __init__ from the config alone, so that muP can "
-                                 f"compare their shapes")
-            base_shape = base_shapes[name]
-            shape = compared_shapes[name] if at_base_width else tuple(p.shape)
-            growing = [dim for dim in range(p.dim()) if shape[dim] != base_shape[dim]]
-            owner = owners[name]
-            fan_in = fan_in_dim(p, owner) if p.dim() >= 2 else None # a vector has none
-            width_mult = 1.0
-            if fan_in in growing:
-                width_mult = p.shape[fan_in] / base_shape[fan_in]
-            if p.dim() < 2:
-                kind = 'vector'
-            elif isinstance(owner, Readout):
-                kind = 'readout'
-            elif len(growing) >= 2:
-                kind = 'hidden'
-            elif growing == [fan_in]:
-                kind = 'output'
-            else:
-                kind = 'embedding'
-            info[name] = ParamInfo(kind, width_mult, in_block=name.startswith('transformer.h.'))
-        return info
-
-    def _param_shapes(self, config):
-        with torch.device('meta'):
-            shape_model = GPT(config, self.attn_cls, _shapes_only=True)
-        return {name: tuple(p.shape) for name, p in shape_model.named_parameters()}
 
     @torch.no_grad()
     def _init_weights(self):
@@ -778,14 +646,8 @@ class GPT(nn.Module):
         if not c.tie_weights:
             # docs/mup.md: an untied readout starts at zero (SP too)
             torch.nn.init.zeros_(self.lm_head.weight)
-        for name, p in self.named_parameters():
-            info = self.mup_param_info[name]
-            if info.kind == 'hidden':
-                # muP: a hidden matrix's init variance ~ 1/fan_in (docs/mup.md)
-                p.div_(math.sqrt(info.width_mult))
-            elif info.kind == 'output':
-                # muP: an output weight's init variance ~ 1/fan_in^2 (docs/mup.md; TP V, Table 8)
-                p.div_(info.width_mult)
+        # muP: hidden matrices sigma / sqrt(m), output weights sigma / m (mup.RULES)
+        mup.scale_init(self)
 
     def get_num_params(self, non_embedding=True):
         """
@@ -816,6 +678,11 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos) # position embeddings of shape (t, n_embd)
         # muP's input multiplier: a constant tuned at the base width (docs/mup.md)
         x = self.transformer.drop(self.config.mup_input_mult * x)
+        rope = None # RoPE's angles at idx's true positions, computed once for every layer
+        if self.config.pos_emb == 'rope':
+            first = start if kv_cache is None else kv_cache.position # a sliding cache dropped some
+            rope = rotary(torch.arange(first, first + t, device=idx.device), self.config.head_dim,
+                          self.config.rope_base)
         masks = {} # one mask per attention pattern, built once and passed to its layers
         for i, block in enumerate(self.transformer.h):
             pattern = block.attn.pattern
@@ -824,7 +691,7 @@ class GPT(nn.Module):
             layer_cache = None
             if kv_cache is not None:
                 layer_cache = kv_cache.layer(i)
-            x = block(x, masks[pattern], layer_cache)
+            x = block(x, masks[pattern], rope, layer_cache)
         if kv_cache is not None:
             kv_cache.length += t
         x = self.transformer.ln_f(x)
@@ -862,81 +729,12 @@ class GPT(nn.Module):
         if 'wpe' in self.transformer:
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def param_groups(self, weight_decay, optimizer='adamw', muon_lr_mult=1.0):
-        """One param group per muP treatment (docs/mup.md), each a dict with `name`, `params`,
-        `lr_scale` (the training loop sets lr = schedule(it) * lr_scale on every group, see
-        set_lr), `weight_decay`, `eps_scale` and `optimizer`, the one that steps it: with
-        optimizer='muon', Muon for the hidden matrices and AdamW for the rest."""
-        c = self.config
-        # CompleteP: the lr inside the residual branches x m_L^(alpha - 1) (docs/mup.md, depth)
-        depth_lr = c.depth_mult ** (c.mup_depth_alpha - 1)
-        groups = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            info = self.mup_param_info[name]
-            on_muon = optimizer == 'muon' and info.kind == 'hidden'
-            if on_muon:
-                # Muon's orthogonalized update has its size set by the lr (times muon.update_scale,
-                # sqrt(max(1, fan_out / fan_in))), which the spectral condition wants
-                # width-independent: no 1/m, and so weight decay as is (docs/mup.md, Muon)
-                width_lr = muon_lr_mult
-                decay = weight_decay
-            elif info.kind in ('hidden', 'output'):
-                # muP: Adam's lr / m where the fan-in grows (TP V, Table 8); the hidden matrices'
-                # exponent differs from 1 only in the finite-width study
-                exponent = c.mup_hidden_lr_exponent if info.kind == 'hidden' else 1.0
-                width_lr = info.width_mult ** -exponent
-                decay = weight_decay
-                if c.mup_scale_weight_decay:
-                    # x m: the decay per step, lr * wd, stays put (as MuAdamW)
-                    decay = weight_decay / width_lr
-            elif info.kind in ('embedding', 'readout'):
-                width_lr = 1.0
-                decay = weight_decay
-            else: # vectors: LayerNorm gains and biases are not decayed
-                width_lr = 1.0
-                decay = 0.0
-            lr_scale = width_lr
-            if info.in_block:
-                lr_scale = width_lr * depth_lr
-            # CompleteP's Adam eps: / m_N everywhere, and / m_L^alpha inside the residual
-            # branches, whose gradients the branch multiplier shrinks (docs/mup.md, depth)
-            eps_scale = 1.0
-            if c.mup_base_depth:
-                eps_scale = 1.0 / c.width_mult
-                if info.in_block:
-                    eps_scale *= c.depth_mult ** -c.mup_depth_alpha
-            group_name = info.kind
-            if info.in_block and c.depth_mult != 1:
-                group_name += ' in blocks'
-            if on_muon:
-                group_name += ' (Muon)'
-            key = (group_name, lr_scale, decay, eps_scale)
-            if key not in groups:
-                groups[key] = dict(params=[], name=group_name, lr_scale=lr_scale,
-                                   weight_decay=decay, eps_scale=eps_scale,
-                                   optimizer='muon' if on_muon else 'adamw')
-            groups[key]['params'].append(p)
-        return list(groups.values())
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8,
                              optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95):
-        """AdamW over param_groups, each group at learning_rate * lr_scale and eps * eps_scale;
-        with optimizer='muon', Muon (muon.py) steps the hidden matrices, and the two step as one."""
-        groups = self.param_groups(weight_decay, optimizer, muon_lr_mult)
-        for group in groups:
-            group['lr'] = learning_rate * group['lr_scale']
-        adamw_groups = [dict(g, eps=eps * g['eps_scale'])
-                        for g in groups if g['optimizer'] == 'adamw']
-        muon_groups = [g for g in groups if g['optimizer'] == 'muon']
-        # the fused AdamW kernel, one launch for all parameters, exists on CUDA
-        adamw = torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, eps=eps,
-                                  fused=device_type == 'cuda')
-        if optimizer == 'adamw':
-            return adamw
-        muon = Muon(muon_groups, lr=learning_rate, momentum=muon_momentum)
-        return Optimizers(muon, adamw)
+        """nanoGPT's call: AdamW (or Muon for the hidden matrices and AdamW for the rest) over
+        one param group per muP treatment, as mup.configure_optimizers builds them."""
+        return mup.configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps,
+                                        optimizer, muon_lr_mult, muon_momentum)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model flops utilization against `peak_flops` (see device_peak_flops)."""
@@ -953,84 +751,17 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_cache=True):
         """Complete idx (b, t) by max_new_tokens tokens; temperature=0 is greedy. Use model.eval().
-
-        kv_cache=True: the prompt is run once (a prefill), then each step runs only the newest
-        token against the cached keys and values of the ones before it, O(T) work per token.
-        kv_cache=False: each step recomputes the whole context, O(T^2): the reference.
-
-        Past block_size: with RoPE and masks and scores that read positions only through their
-        difference (cache_slides), a full cache slides: the oldest position is dropped and every
-        new token attends to the block_size - 1 before it, with their keys as they were computed.
-        That is a full forward over the whole text with attention limited to the last block_size
-        positions, not the reference's (which crops the text to its last block_size tokens at
-        every step, so the first of them see no context). With absolute positions (wpe) or a mod
-        that reads them, a full cache is prefilled anew with the newest block_size // 2 tokens
-        at positions 0.., and decoding goes on from there. A mask under which an earlier query
-        sees a later key (prefix_lm while the text is inside its prefix) would leave the cache
-        stale: those steps recompute the window, so the logits are a full forward's."""
-        block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer, block_size)
-        window_start = max(0, idx.size(1) - block_size) # idx's position 0 in the cache
-        slides = self.cache_slides()
+        kv_cache=True: generate.py's decoding, one token a step against the cached keys and values
+        of the ones before it (O(T) per token; its docstring says what happens past block_size).
+        kv_cache=False: the reference it must equal, nanoGPT's loop below, which runs the whole
+        context, cropped to its last block_size tokens, at every step (O(T^2))."""
+        if kv_cache:
+            return generate.generate(self, idx, max_new_tokens, temperature, top_k)
         for _ in range(max_new_tokens):
-            if not kv_cache:
-                # if the sequence context is growing too long we must crop it at block_size
-                logits, _ = self(idx[:, -block_size:])
-            else:
-                if cache.length == block_size and slides:
-                    cache.drop_oldest()
-                elif cache.length == block_size:
-                    window_start = idx.size(1) - block_size // 2
-                    cache.length = 0
-                elif cache.length > 0 and self.earlier_query_sees(cache.length, idx.size(0)):
-                    cache.length = 0
-                cached = window_start + cache.dropped + cache.length # tokens of idx in the cache
-                logits, _ = self(idx[:, cached:], kv_cache=cache)
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                idx_next = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float('Inf')
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1)
+            logits, _ = self(idx[:, -self.config.block_size:])
+            idx_next = generate.sample(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-    def cache_slides(self):
-        """Whether a full KV cache can drop its oldest position and go on (generate): RoPE's
-        positions, and every layer's mask and score reading positions only through their
-        difference (MuPFlexAttention.relative_positions)."""
-        return self.config.pos_emb == 'rope' and all(block.attn.relative_positions()
-                                                      for block in self.transformer.h)
-
-    def earlier_query_sees(self, position, batch_size):
-        """Whether any layer's mask lets a query before `position` see the key at `position`:
-        then the keys and values cached for those queries, computed before it existed, differ
-        from a full forward's. False for every causal mask; plain causal layers are not asked."""
-        device = self.lm_head.weight.device
-        queries = torch.arange(position, device=device)
-        new_key = torch.tensor([position], device=device)
-        asked = set()
-        for block in self.transformer.h:
-            attn = block.attn
-            if attn.pattern in asked or attn.is_plain_causal():
-                continue
-            asked.add(attn.pattern)
-            mask_mod = lambda b, h, q_idx, kv_idx: attn.mask_mod(b, h, q_idx, kv_idx)
-            heads = torch.arange(attn.n_head, device=device)
-            try:
-                seen = vmap_bhqkv(mask_mod, 0)(torch.arange(batch_size, device=device), heads,
-                                               queries, new_key)
-            except (IndexError, RuntimeError) as e:
-                raise ValueError(f"{type(attn).__name__}.mask_mod cannot be evaluated at position "
-                                 f"{position} ({e}); it reads data that does not reach the "
-                                 f"generated tokens: give it data for the whole length") from e
-            if seen.any():
-                return True
-        return False
 
 
 # bf16 dense peaks of common GPUs (vendor datasheets, without sparsity)

@@ -11,7 +11,8 @@ import torch
 
 from conftest import BLOCK_OPTIONS, block_options, make_gpt, text_batch, tokens
 from coord_check import run_widths, slopes, worst
-from model import GPT, GPTConfig, KVCache, MuPFlexAttention, rotary, rotate
+from generate import KVCache, cache_slides
+from model import GPT, GPTConfig, MuPFlexAttention, rotary, rotate
 
 # ---- every backend computes the same function, for every option
 
@@ -177,7 +178,7 @@ def test_past_block_size_a_rope_cache_slides_and_equals_a_windowed_full_forward(
     the context it was computed with. Cropping the text to its last 16 tokens, as kv_cache=False
     does, is another function past block_size (its first tokens lose their context)."""
     gpt = decoder(block_size=16, pos_emb='rope', attn_mod=attn_mod, n_kv_head=2, qk_norm=True)
-    assert gpt.cache_slides()
+    assert cache_slides(gpt)
     prompt = tokens(2, PROMPT, vocab_size=VOCAB)
     lengths = []
     hook = gpt.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].size(1)),
@@ -203,7 +204,7 @@ def test_past_block_size_prefix_lm_with_rope_is_prefilled_anew():
     """prefix_lm reads absolute positions: its cache does not slide, it is prefilled again, as
     with learned positions (tests/test_kv_cache.py)."""
     gpt = decoder(block_size=16, pos_emb='rope', attn_mod='prefix_lm:3')
-    assert not gpt.cache_slides()
+    assert not cache_slides(gpt)
     lengths = []
     hook = gpt.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(args[0].size(1)),
                                          with_kwargs=True)
@@ -221,7 +222,7 @@ def test_a_subclass_says_its_mods_are_relative_to_let_the_cache_slide():
     class Absolute(Relative):
         relative_mods = False
 
-    assert decoder(pos_emb='rope', attn_cls=Relative).cache_slides()
-    assert not decoder(pos_emb='rope', attn_cls=Absolute).cache_slides()
-    assert not decoder(attn_cls=Relative).cache_slides() # learned positions never slide
+    assert cache_slides(decoder(pos_emb='rope', attn_cls=Relative))
+    assert not cache_slides(decoder(pos_emb='rope', attn_cls=Absolute))
+    assert not cache_slides(decoder(attn_cls=Relative)) # learned positions never slide
     assert math.isfinite(decoder(pos_emb='rope', attn_cls=Relative)(tokens(1, 4, vocab_size=VOCAB))[0].sum().item())

@@ -15,7 +15,7 @@ import attn_mods
 from conftest import tiny_config, tokens
 from coord_check import run_widths, slopes
 from attn_mods import attention_probs, causal, dense_attention, document_mask, sliding_window
-from model import GPT, MuPFlexAttention
+from model import GPT, Mask, MuPFlexAttention
 
 B, T, N_HEAD, HEAD_DIM = 2, 12, 2, 8
 DOC_IDS = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 2 + [1] * 10]) # (B, T): packed documents
@@ -143,7 +143,7 @@ def test_dense_query_blocks_equal_one_block(name, monkeypatch):
     monkeypatch.setattr(attn_mods, 'attention_probs', lambda q, k, *a: keys_seen.append(k.size(2)) or probs(q, k, *a))
 
     def run(query_block):
-        out = dense_attention(q, k, v, mask, attn.active_score_mod(), attn.scale, query_block=query_block)
+        out = dense_attention(q, k, v, mask.data, attn.active_score_mod(), attn.scale, query_block=query_block)
         weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
         return [out, *torch.autograd.grad((out * weights).sum(), [q, k, v, *extra])]
 
@@ -175,10 +175,10 @@ def test_a_query_with_nothing_to_attend_gets_zero_as_on_flex():
 @pytest.mark.parametrize('name, shape', [('causal', (1, 1, T, T)), ('document_mask', (B, 1, T, T)),
                                          ('row_sum_mask', (1, 1, T, T))])
 def test_dense_masks_keep_only_the_dims_the_mod_uses(name, shape):
-    mask = attention(name).make_mask(B, T, torch.device('cpu'))
+    mask = attention(name).make_mask(B, T, torch.device('cpu')).data
     assert mask.shape == shape and mask.dtype == torch.bool
     per_head = with_mods(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= h))(config())
-    assert per_head.make_mask(B, T, torch.device('cpu')).shape == (1, N_HEAD, T, T)
+    assert per_head.make_mask(B, T, torch.device('cpu')).data.shape == (1, N_HEAD, T, T)
 
 
 @pytest.mark.parametrize('attn_mod, expected', [
@@ -187,7 +187,7 @@ def test_dense_masks_keep_only_the_dims_the_mod_uses(name, shape):
     ('alibi', lambda q, kv: q >= kv),
 ])
 def test_attn_mod_config_string_selects_the_mask(attn_mod, expected):
-    mask = MuPFlexAttention(config(attn_mod, attn_backend='dense')).make_mask(1, T, torch.device('cpu'))
+    mask = MuPFlexAttention(config(attn_mod, attn_backend='dense')).make_mask(1, T, torch.device('cpu')).data
     q, kv = torch.arange(T).view(T, 1), torch.arange(T).view(1, T)
     assert torch.equal(mask[0, 0], expected(q, kv))
 
@@ -262,10 +262,10 @@ def test_a_block_mask_without_batch_and_head_dims_equals_the_full_one(spec):
     mask_mod = lambda b, h, q_idx, kv_idx: attn.mask_mod(b, h, q_idx, kv_idx)
     full = create_block_mask(mask_mod, B, N_HEAD, T_long, T_long, device='cpu')
     compact = attn.make_mask(None, T_long, torch.device('cpu'))
-    assert compact.shape[:2] == (1, 1) and full.shape[:2] == (B, N_HEAD)
-    assert torch.equal(compact.to_dense().expand(B, N_HEAD, -1, -1), full.to_dense())
+    assert compact.data.shape[:2] == (1, 1) and full.shape[:2] == (B, N_HEAD)
+    assert torch.equal(compact.data.to_dense().expand(B, N_HEAD, -1, -1), full.to_dense())
     q, k, v = (torch.randn(B, N_HEAD, T_long, HEAD_DIM, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    torch.testing.assert_close(attn.attend(q, k, v, compact), attn.attend(q, k, v, full), rtol=0, atol=1e-6)
+    torch.testing.assert_close(attn.attend(q, k, v, compact), attn.attend(q, k, v, Mask('flex', full)), rtol=0, atol=1e-6)
 
 
 def gpt_with(attn_cls, seed=0):
@@ -409,10 +409,10 @@ class GatedBias(RelativeBias):
         super().__init__(config)
         self.gate = torch.nn.Parameter(torch.randn(config.n_embd, config.n_embd) * config.init_std)
 
-    def forward(self, x, mask, kv_cache=None):
+    def forward(self, x, mask, rope=None, kv_cache=None):
         g = torch.sigmoid(x @ self.gate) # (B, T, n_embd) -> one gate per (token, head)
         self.query_gate = g.view(*x.shape[:2], self.n_head, self.head_dim).mean(-1)
-        return super().forward(x, mask, kv_cache)
+        return super().forward(x, mask, rope, kv_cache)
 
     def score_mod(self, score, b, h, q_idx, kv_idx):
         return super().score_mod(score, b, h, q_idx, kv_idx) * 2 * self.query_gate[b, q_idx, h]
@@ -441,8 +441,8 @@ class ExtraProjection(MuPFlexAttention):
         super().__init__(config)
         self.extra = torch.nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, mask, kv_cache=None):
-        return super().forward(x, mask, kv_cache) + self.extra(x)
+    def forward(self, x, mask, rope=None, kv_cache=None):
+        return super().forward(x, mask, rope, kv_cache) + self.extra(x)
 
 
 @pytest.mark.parametrize('param, bound', [('mup', 0.25), ('sp', None)])

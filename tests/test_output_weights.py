@@ -51,8 +51,8 @@ class RouterAndExpansion(MuPFlexAttention):
         self.x_at_w = nn.Parameter(torch.randn(config.n_embd, 8) * config.init_std)
         self.x_at_w.fan_in_dim = 0 # used as x @ W: dim 0 is summed over
 
-    def forward(self, x, mask, kv_cache=None):
-        y = super().forward(x, mask, kv_cache)
+    def forward(self, x, mask, rope=None, kv_cache=None):
+        y = super().forward(x, mask, rope, kv_cache)
         return y + self.expand(torch.softmax(self.router(x), -1) + x @ self.x_at_w)
 
 
