@@ -36,7 +36,6 @@ Writes OUT/jacobian.json (every number) and OUT/jacobian.png (r_diag and cos_dia
 import functools
 import json
 import os
-import pickle
 import runpy
 import sys
 import time
@@ -47,8 +46,10 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-from configurator import ConfigError, configure
 from attn_mods import attention_probs, repeat_heads
+from configurator import configure
+from data import get_batch, read_meta
+from errors import UserError
 from model import GPT, GPTConfig, set_lr
 
 # -----------------------------------------------------------------------------
@@ -66,7 +67,7 @@ mlp = 'gelu'
 n_kv_head = 0
 device = 'auto'      # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
 out = 'out-jacobian' # where jacobian.json and jacobian.png go
-ckpt = ''            # a train.py out_dir: analyse its ckpt.pt instead of training
+ckpt = ''            # a train.py run (its out_dir or ckpt.pt): analyse its model instead of training
 # -----------------------------------------------------------------------------
 # fixed by issue 5 (underscored, so the configurator does not offer them as keys)
 _MODEL_ARGS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
@@ -172,15 +173,7 @@ def ensure_data(data_dir=_DATA_DIR):
             if os.path.abspath(data_dir) != _DATA_DIR:
                 command += f" --out_dir {data_dir}"
             raise RuntimeError(f"{e}\nPrepare the data from a local copy of input.txt, then rerun:\n  {command}") from None
-    with open(os.path.join(data_dir, 'meta.pkl'), 'rb') as f:
-        return pickle.load(f)['vocab_size']
-
-def get_batch(data_dir, split, batch_size, block_size, generator, device):
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.stack([torch.from_numpy(data[i:i+block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i+1:i+1+block_size].astype(np.int64)) for i in ix])
-    return x.to(device), y.to(device)
+    return read_meta(data_dir)['vocab_size']
 
 def train(model, data_dir, steps, batch_size, device):
     """AdamW at the constant lr 1e-3 (no schedule: issue 5 fixes it). Returns the last loss."""
@@ -190,7 +183,7 @@ def train(model, data_dir, steps, batch_size, device):
     model.train()
     bar = tqdm(range(steps), desc='training')
     for _ in bar:
-        x, y = get_batch(data_dir, 'train', batch_size, model.config.block_size, generator, device)
+        x, y = get_batch(data_dir, 'train', batch_size, model.config.block_size, generator, device)[0]
         _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,19 +192,9 @@ def train(model, data_dir, steps, batch_size, device):
         bar.set_postfix(loss=f'{loss.item():.4f}')
     return loss.item()
 
-def load_checkpoint(ckpt_dir, device):
-    """(model, dataset): the model of a train.py out_dir, with its own attention class, and the
-    dataset it was trained on (shakespeare_char where the checkpoint does not say)."""
-    path = os.path.join(ckpt_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"ckpt={ckpt_dir!r}: {path} not found; point --ckpt at a train.py out_dir")
-    checkpoint = checkpoints.read(ckpt_dir, device, required=('model', 'model_args'))
-    try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))
-    except ValueError as e: # its attention class cannot be imported here, say
-        raise ConfigError(f"{path}: {e}") from None
-    checkpoints.load_model(checkpoint, ckpt_dir, model)
-    return model.to(device), checkpoint.get('config', {}).get('dataset', 'shakespeare_char')
+def trained_on(checkpoint):
+    """The dataset a checkpoint's run trained on: its train.py config's, else shakespeare_char."""
+    return checkpoint.get('config', {}).get('dataset', 'shakespeare_char')
 
 # -----------------------------------------------------------------------------
 # output
@@ -262,7 +245,7 @@ def run(model, data_dir, steps, batch_size, device, out):
     train_loss = train(model, data_dir, steps, batch_size, device) if steps else None
     t_train = time.time() - t0
     generator = torch.Generator().manual_seed(_SEED + 1) # the same diagnostic batch in every run
-    x, y = get_batch(data_dir, 'val', batch_size, model.config.block_size, generator, device)
+    x, y = get_batch(data_dir, 'val', batch_size, model.config.block_size, generator, device)[0]
     diag_loss, stats = analyze(model, x, y)
     stats = {name: values.cpu() for name, values in stats.items()}
     print(format_table(stats))
@@ -289,7 +272,7 @@ def main(c):
         dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     refused = [k for k, default in _TRAINING_DEFAULTS.items() if c[k] != default]
     if c['ckpt'] and refused:
-        raise ConfigError(f"--ckpt analyses the checkpoint's own model and trains nothing: drop "
+        raise UserError(f"--ckpt analyses the checkpoint's own model and trains nothing: drop "
                          f"{', '.join('--' + k for k in refused)}")
     torch.manual_seed(_SEED)
     if not c['ckpt']:
@@ -298,13 +281,14 @@ def main(c):
             config = GPTConfig(**_MODEL_ARGS, vocab_size=vocab_size, mup_base_width=c['mup_base_width'],
                                attn_mod=c['attn_mod'], attn_cls=c['attn_cls'], **{k: c[k] for k in _BLOCK_KEYS})
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise UserError(str(e)) from None
         model = GPT(config).to(dev)
         return run(model, _DATA_DIR, c['steps'], c['batch_size'], dev, c['out'])
-    model, dataset = load_checkpoint(c['ckpt'], dev)
+    model, checkpoint = checkpoints.load_run(c['ckpt'], dev, setting='ckpt')
+    dataset = trained_on(checkpoint)
     data_dir = os.path.join('data', dataset) # relative to the working directory, as train.py's
     if not os.path.exists(os.path.join(data_dir, 'val.bin')):
-        raise ConfigError(f"{c['ckpt']} was trained on dataset={dataset!r}, whose {data_dir}/val.bin is "
+        raise UserError(f"{c['ckpt']} was trained on dataset={dataset!r}, whose {data_dir}/val.bin is "
                           f"not here: run from the directory it was trained in, or prepare it with "
                           f"`python data/{dataset}/prepare.py`")
     return run(model, data_dir, 0, c['batch_size'], dev, c['out'])

@@ -33,8 +33,8 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from configurator import (DTYPES, ConfigError, autocast, configure, first_line, require, resolve_device,
-                          resolve_dtype)
+from configurator import DTYPES, autocast, configure, require, resolve_device, resolve_dtype
+from errors import UserError, first_line
 from attn_mods import ATTN_MODS, parse_attn_mod
 from generate import KVCache, cache_slides
 from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
@@ -485,32 +485,32 @@ def gpu_benchmarks(device, ptdtype):
 
 
 def check_settings():
-    """A setting bench.py does not know: a ConfigError, which configure() reports in one line."""
+    """A setting bench.py does not know: a UserError, which configure() reports in one line."""
     unknown = [m for m in modes if m not in ('train', 'attention', 'block', 'decode', 'distributed', 'gpu')]
     if unknown or not modes:
-        raise ConfigError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'block', 'decode', "
+        raise UserError(f"modes={','.join(modes)}: choose from 'train', 'attention', 'block', 'decode', "
                           f"'distributed', 'gpu', e.g. --modes=train,attention")
     if not decode_blocks or any(b not in DECODE_BLOCKS for b in decode_blocks):
-        raise ConfigError(f"decode_blocks={','.join(decode_blocks)}: choose from {', '.join(DECODE_BLOCKS)}")
+        raise UserError(f"decode_blocks={','.join(decode_blocks)}: choose from {', '.join(DECODE_BLOCKS)}")
     for spec in decode_mods:
         try:
             parse_attn_mod(spec)
         except ValueError as e:
-            raise ConfigError(f"decode_mods: {e}") from None
+            raise UserError(f"decode_mods: {e}") from None
     if not optimizers or any(o not in ('adamw', 'muon') for o in optimizers):
-        raise ConfigError(f"optimizers={','.join(optimizers)}: choose from 'adamw', 'muon', e.g. --optimizers=adamw,muon")
+        raise UserError(f"optimizers={','.join(optimizers)}: choose from 'adamw', 'muon', e.g. --optimizers=adamw,muon")
     if attn_backend != 'all' and attn_backend not in BACKENDS:
-        raise ConfigError(f"attn_backend={attn_backend!r}: use 'all' or one of {BACKENDS}")
+        raise UserError(f"attn_backend={attn_backend!r}: use 'all' or one of {BACKENDS}")
     if parameterization not in ('sp', 'mup', 'both'):
-        raise ConfigError(f"parameterization={parameterization!r}: use 'sp', 'mup' or 'both'")
+        raise UserError(f"parameterization={parameterization!r}: use 'sp', 'mup' or 'both'")
     if compile not in ('False', 'True', 'both'):
-        raise ConfigError(f"compile={compile!r}: use False, True or both")
+        raise UserError(f"compile={compile!r}: use False, True or both")
     if warmup < 1 or iters < 1:
-        raise ConfigError(f"warmup={warmup}, iters={iters}: both must be >= 1 (warm-up builds masks and compiles)")
+        raise UserError(f"warmup={warmup}, iters={iters}: both must be >= 1 (warm-up builds masks and compiles)")
     try:
         parse_attn_mod(attn_mod)
     except ValueError as e: # the message names the setting and its valid values
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 if __name__ == '__main__':
@@ -520,10 +520,10 @@ if __name__ == '__main__':
     device = torch.device(resolve_device(device))
     if attn_backend != 'all' and 'train' in modes and not trains_here(attn_mod, attn_backend, device):
         applies = [b for b in BACKENDS if trains_here(attn_mod, b, device)]
-        raise ConfigError(f"attn_backend={attn_backend} cannot train attn_mod={attn_mod} on {device.type}: use "
+        raise UserError(f"attn_backend={attn_backend} cannot train attn_mod={attn_mod} on {device.type}: use "
                           f"--attn_backend=all or one of {applies}")
     if 'gpu' in modes and device.type != 'cuda':
-        raise ConfigError(f"modes=gpu needs a CUDA device (flex's fused kernels, flash attention, bf16 GPT-2 "
+        raise UserError(f"modes=gpu needs a CUDA device (flex's fused kernels, flash attention, bf16 GPT-2 "
                           f"124M), but this run is on {device.type}: run the gpu mode on a machine with a "
                           f"GPU, or drop it from --modes")
     ptdtype = resolve_dtype(dtype, device) # as train.py trains

@@ -1,4 +1,5 @@
-"""train.py's checkpoints, written and read in one place (train.py, sample.py, analyze_jacobian.py).
+"""train.py's checkpoints, written and read in one place: train.py saves and resumes them, and
+load_run is how every other script (sample.py, export_hf.py, analyze_jacobian.py) loads a run.
 
 A checkpoint is out_dir/ckpt.pt. On one process or under DDP it holds everything: the model's and
 the optimizer's state dicts, the settings, the iteration and the RNG states. Under FSDP each
@@ -27,8 +28,8 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import ConfigError, first_line
-from model import GPTConfig
+from errors import UserError, first_line
+from model import GPT, GPTConfig
 
 INTACT_COPY = ("use an intact copy: a numbered ckpt_<iter>.pt kept by train.py's keep_last_n, "
                "copied over ckpt.pt with `cp --remove-destination` (ckpt.pt is a hard link of the "
@@ -63,10 +64,10 @@ def resume(out_dir, device, model_args, config, fsdp):
     """The checkpoint train.py resumes, after checking that this run can continue it: the same
     model settings (only attn_backend, another kernel for the same function, may change), the same
     optimizer, and FSDP or not as it was saved. Returns (checkpoint, the other settings that
-    changed since, as 'key old -> new' strings). Each mismatch is a ConfigError that names it."""
+    changed since, as 'key old -> new' strings). Each mismatch is a UserError that names it."""
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(ckpt_path):
-        raise ConfigError(f"init_from='resume', but {ckpt_path} does not exist: train with "
+        raise UserError(f"init_from='resume', but {ckpt_path} does not exist: train with "
                           f"init_from='scratch' first, or point --out_dir at the run to resume")
     checkpoint = read(out_dir, device, TRAINING_STATE)
     # a setting newer than the checkpoint has the default, which is how the model was built then
@@ -82,16 +83,16 @@ def resume(out_dir, device, model_args, config, fsdp):
         heading = f"cannot resume {ckpt_path}: the model settings differ from the checkpoint's:"
         advice = ("Resume with the config file and flags of the run that wrote it (only "
                   "attn_backend may change).")
-        raise ConfigError("\n".join([heading, *differences, advice]))
+        raise UserError("\n".join([heading, *differences, advice]))
     saved_fsdp = 'sharded' in checkpoint # what the file holds, whatever its run's flags said
     if saved_fsdp != fsdp:
-        raise ConfigError(f"fsdp={fsdp}: {ckpt_path} was saved by a run with fsdp={saved_fsdp}, "
+        raise UserError(f"fsdp={fsdp}: {ckpt_path} was saved by a run with fsdp={saved_fsdp}, "
                           f"whose model and optimizer state it holds in that run's layout; "
                           f"resume with --fsdp={saved_fsdp} (at any number of processes under "
                           f"FSDP; the model weights alone load either way, as sample.py does)")
     saved_optimizer = checkpoint['config'].get('optimizer', 'adamw')
     if saved_optimizer != config['optimizer']:
-        raise ConfigError(f"optimizer={config['optimizer']!r}: {ckpt_path} was trained with "
+        raise UserError(f"optimizer={config['optimizer']!r}: {ckpt_path} was trained with "
                           f"optimizer={saved_optimizer!r}, whose state it holds; resume with that "
                           f"optimizer")
     changed = []
@@ -116,17 +117,46 @@ def restore(checkpoint, out_dir, model, optimizer):
         group.update(setting)
 
 
-def read(out_dir, device, required=('model', 'model_args', 'config')):
-    """out_dir/ckpt.pt, loaded onto `device`. A ConfigError that names the file and the fix when it
-    is truncated or corrupt, lacks any of the keys `required`, or names a sharded directory that
-    is not there; 'model' and 'optimizer' count as present when the file names such a directory.
-    The caller checks that the file exists: what to do when it does not depends on the caller."""
-    path = os.path.join(out_dir, 'ckpt.pt')
+def load_run(path, device, setting='out_dir', **changes):
+    """(model, checkpoint): the model of a train.py run, with its weights, on `device`. `path` is
+    the run's out_dir or a checkpoint file in it (its ckpt.pt, or a numbered ckpt_<iter>.pt that
+    keep_last_n kept), whole or sharded (the shards are put together on this process). The
+    model has the run's settings, its attention class included, with `changes` (another
+    attn_backend, say). A missing or unreadable checkpoint, or one whose model cannot be built
+    here (its attention class's file is not here), is a UserError that names `setting`, the
+    script's name for the path."""
+    ckpt_path = checkpoint_file(path)
+    if not os.path.exists(ckpt_path):
+        raise UserError(f"{setting}={path!r}: no checkpoint at {ckpt_path}: pass the out_dir of a "
+                        f"train.py run, or its ckpt.pt (train one first: python train.py ...)")
+    checkpoint = read(ckpt_path, device, required=('model', 'model_args'))
+    try:
+        model = GPT(GPTConfig(**{**checkpoint['model_args'], **changes}))
+    except ValueError as e:
+        raise UserError(f"{ckpt_path}: {e}") from None
+    load_model(checkpoint, os.path.dirname(ckpt_path), model)
+    return model.to(device), checkpoint
+
+
+def checkpoint_file(path):
+    """The checkpoint file `path` names: itself if it is a file, else the ckpt.pt of a directory."""
+    if os.path.isfile(path):
+        return path
+    return os.path.join(path, 'ckpt.pt')
+
+
+def read(path, device, required=('model', 'model_args', 'config')):
+    """The checkpoint at `path` (a file, or an out_dir: its ckpt.pt), loaded onto `device`. A
+    UserError that names the file and the fix when it is truncated or corrupt, lacks any of the
+    keys `required`, or names a sharded directory that is not there; 'model' and 'optimizer'
+    count as present when the file names such a directory. The caller checks that the file
+    exists: what to do when it does not depends on the caller."""
+    path = checkpoint_file(path)
     try:
         # not weights_only: a checkpoint also holds the RNG states, numpy's among them
         checkpoint = torch.load(path, map_location=device, weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ConfigError(f"{path} is truncated or corrupt, it cannot be loaded "
+        raise UserError(f"{path} is truncated or corrupt, it cannot be loaded "
                           f"({type(e).__name__}: {first_line(e)}): {INTACT_COPY}") from None
     if isinstance(checkpoint, dict):
         in_shards = {'model', 'optimizer'} if 'sharded' in checkpoint else set()
@@ -134,13 +164,13 @@ def read(out_dir, device, required=('model', 'model_args', 'config')):
     else:
         missing = list(required)
     if missing:
-        raise ConfigError(f"{path} is not a checkpoint of train.py (missing "
+        raise UserError(f"{path} is not a checkpoint of train.py (missing "
                           f"{', '.join(missing)}): point out_dir at a train.py run, or "
                           f"train one")
     if 'sharded' in checkpoint:
-        directory = os.path.join(out_dir, checkpoint['sharded'])
+        directory = os.path.join(os.path.dirname(path), checkpoint['sharded'])
         if not os.path.exists(os.path.join(directory, '.metadata')):
-            raise ConfigError(f"{path} keeps its weights in {directory}, which is missing or "
+            raise UserError(f"{path} keeps its weights in {directory}, which is missing or "
                               f"incomplete: {INTACT_COPY}, with the directory it names")
     return checkpoint
 
@@ -163,7 +193,7 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
     """FSDP: every process writes its shards of the model and of the optimizer state into a new
     directory out_dir/ckpt_<iter>_<token>.dcp (a collective: call it on every process). Returns
     the directory's name, for ckpt.pt to record; until write() renames ckpt.pt into place,
-    nothing names it. A failed write removes the directory and raises a ConfigError on every
+    nothing names it. A failed write removes the directory and raises a UserError on every
     process."""
     # a name no earlier save used, even one of the same iter (a run started again in this
     # out_dir, or resumed from an older copy): the master draws it, every process writes there
@@ -180,7 +210,7 @@ def write_shards(out_dir, iter_num, model, optimizers, is_master):
         failures = [failure for failure, _ in e.failures.values() if isinstance(failure, OSError)]
         if not failures:
             raise
-        raise ConfigError(f"saving the shards of iter {iter_num} to {directory} failed "
+        raise UserError(f"saving the shards of iter {iter_num} to {directory} failed "
                           f"({failures[0]}); removed {directory}, "
                           f"{what_is_left(out_dir)}") from None
     return names[0]
@@ -206,14 +236,14 @@ def shard_state(model, optimizers):
 
 def read_shards(state, out_dir, name, no_dist=False):
     """dcp.load of out_dir/name into `state`; a shard file that is gone or unreadable is a
-    ConfigError (on every process) that names the directory."""
+    UserError (on every process) that names the directory."""
     import torch.distributed.checkpoint as dcp
     directory = os.path.join(out_dir, name)
     try:
         dcp.load(state, checkpoint_id=directory, no_dist=no_dist)
     except dcp.api.CheckpointException as e:
         failure = next(iter(e.failures.values()))[0]
-        raise ConfigError(f"{directory} cannot be read ({type(failure).__name__}: "
+        raise UserError(f"{directory} cannot be read ({type(failure).__name__}: "
                           f"{first_line(failure)}): {INTACT_COPY}, with the directory it "
                           f"names") from None
 
@@ -224,7 +254,7 @@ def write(checkpoint, out_dir, keep_last_n):
     (hard link) of it: no second write. Then the numbered files beyond the last keep_last_n, and
     the sharded directories that no file names, are removed. Returns the paths written. A write
     that fails (a full disk) removes the temporary file, and the shards it would have named, and
-    raises a ConfigError, as every later save would fail the same way."""
+    raises a UserError, as every later save would fail the same way."""
     iter_num = checkpoint['iter_num']
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     tmp_path = ckpt_path + '.tmp'
@@ -253,7 +283,7 @@ def write(checkpoint, out_dir, keep_last_n):
         if 'sharded' in checkpoint:
             removed.append(os.path.join(out_dir, checkpoint['sharded']))
             shutil.rmtree(removed[-1], ignore_errors=True)
-        raise ConfigError(f"saving the checkpoint of iter {iter_num} to {tmp_path} failed "
+        raise UserError(f"saving the checkpoint of iter {iter_num} to {tmp_path} failed "
                           f"({cause}); removed {' and '.join(removed)}, "
                           f"{what_is_left(out_dir)}") from None
     written = [ckpt_path]

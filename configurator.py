@@ -9,10 +9,10 @@ Arguments without '--' are config files (plain Python, run in order), and
 '--key=value' arguments override single keys. Unlike nanoGPT's exec-based
 version, every key and value is checked against the defaults, so a typo fails
 loudly instead of silently training with the default. A bad setting or input
-raises ConfigError, which a script that called configure() reports in one line,
+raises UserError, which a script that called configure() reports in one line,
 without a traceback, and exits non-zero (real bugs keep their traceback).
 `resolve_device(device)` turns a script's `device` setting ('auto' included) into a device
-this machine has, or a ConfigError that says what to pass instead.
+this machine has, or a UserError that says what to pass instead.
 """
 
 import ast
@@ -22,19 +22,11 @@ import sys
 import traceback
 import types
 
-
-class ConfigError(ValueError):
-    """A bad setting or input file: the message names it, its value and the fix."""
-
-
-def first_line(error):
-    """The first line of an exception's message, to quote in a one-line error ('' if it has
-    none)."""
-    return (str(error).strip().splitlines() or [''])[0]
+from errors import UserError
 
 
 def _report(exc_type, exc, tb):
-    if issubclass(exc_type, ConfigError):
+    if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
     else:
         sys.__excepthook__(exc_type, exc, tb)
@@ -64,12 +56,12 @@ def _parse(text):
         return text
 
 def _check(key, value, default, raw=None):
-    """Return value converted to the type of default, or raise ConfigError.
+    """Return value converted to the type of default, or raise UserError.
     raw is the command-line text; it allows conveniences (bare strings, true/1,
     comma-separated lists) that would be too loose in a Python config file."""
     def bad(hint=""):
         given = raw if raw is not None else repr(value)
-        return ConfigError(f"config key '{key}' expects {_type_name(default)}, got {given}{hint}")
+        return UserError(f"config key '{key}' expects {_type_name(default)}, got {given}{hint}")
 
     if isinstance(default, (tuple, list)):
         if raw is not None and isinstance(value, str):
@@ -112,7 +104,7 @@ def _check(key, value, default, raw=None):
 def _unknown(key, keys, where):
     close = difflib.get_close_matches(key, keys, n=3)
     hint = f"did you mean {' or '.join(close)}?" if close else "run with --help to list the valid keys"
-    return ConfigError(f"unknown config key '{key}' {where}; {hint}")
+    return UserError(f"unknown config key '{key}' {where}; {hint}")
 
 def _print_help(config, keys):
     if config.get('__doc__'): # what the script does, before the keys it takes
@@ -125,7 +117,7 @@ def _print_help(config, keys):
 def _run_config_file(path, config, keys, verbose):
     if not os.path.isfile(path):
         hint = f"; did you mean --{path}?" if '=' in path else ""
-        raise ConfigError(
+        raise UserError(
             f"config file '{path}' not found: config files live under config/ "
             f"(e.g. config/<name>.py) and overrides are written --key=value{hint}")
     if verbose:
@@ -137,7 +129,7 @@ def _run_config_file(path, config, keys, verbose):
     except Exception as e: # the user's file, not our code: name the file and the line
         line = e.lineno if isinstance(e, SyntaxError) else [f.lineno for f in traceback.extract_tb(e.__traceback__)
                                                              if f.filename == path][-1]
-        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
+        raise UserError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
     for k, v in namespace.items():
         # config files may import and define helpers to compute their values
         if k.startswith('_') or isinstance(v, types.ModuleType) or callable(v):
@@ -146,8 +138,8 @@ def _run_config_file(path, config, keys, verbose):
             raise _unknown(k, keys, f"in {path}")
         try:
             config[k] = _check(k, v, config[k])
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
         if verbose:
             print(f"Overriding: {k} = {config[k]!r}")
 
@@ -165,7 +157,7 @@ def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
             continue
         if not arg.startswith('--') or '=' not in arg:
             example = f"{arg}=True" if arg[2:] in keys and isinstance(config[arg[2:]], bool) else "--key=value"
-            raise ConfigError(f"can't parse argument '{arg}': overrides are written {example}")
+            raise UserError(f"can't parse argument '{arg}': overrides are written {example}")
         key, raw = arg[2:].split('=', 1)
         if key not in keys:
             raise _unknown(key, keys, f"(from {arg})")
@@ -177,7 +169,7 @@ def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
 
 def resolve_device(device):
     """The device a script's `device` setting names, checked before any work: 'auto' is the best
-    this machine has (cuda > mps > cpu); another name must exist here, or a ConfigError says what
+    this machine has (cuda > mps > cpu); another name must exist here, or a UserError says what
     to pass instead."""
     import torch
     if device == 'auto':
@@ -191,16 +183,16 @@ def resolve_device(device):
     except RuntimeError:
         asked = None # not a device name at all
     if asked is None or asked.type not in ('cpu', 'cuda', 'mps'):
-        raise ConfigError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+        raise UserError(f"device={device!r}: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
     if asked.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r}, but this machine has no CUDA device: "
+        raise UserError(f"device={device!r}, but this machine has no CUDA device: "
                           f"use --device=cpu (or auto)")
     n_gpus = torch.cuda.device_count()
     if asked.type == 'cuda' and asked.index is not None and asked.index >= n_gpus:
-        raise ConfigError(f"device={device!r}, but this machine has {n_gpus} CUDA device(s): "
+        raise UserError(f"device={device!r}, but this machine has {n_gpus} CUDA device(s): "
                           f"use cuda:0 to cuda:{n_gpus - 1}")
     if asked.type == 'mps' and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={device!r}, but MPS is not available here: "
+        raise UserError(f"device={device!r}, but MPS is not available here: "
                           f"use --device=cpu (or auto)")
     return device
 
@@ -209,9 +201,9 @@ def resolve_device(device):
 # Checks and settings the scripts share (train.py, sample.py, bench.py)
 
 def require(config, key, ok, must_be):
-    """A ConfigError `key=value: must be ...` unless ok; config holds the script's settings."""
+    """A UserError `key=value: must be ...` unless ok; config holds the script's settings."""
     if not ok:
-        raise ConfigError(f"{key}={config[key]!r}: must be {must_be}")
+        raise UserError(f"{key}={config[key]!r}: must be {must_be}")
 
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
@@ -237,64 +229,3 @@ def autocast(device, ptdtype):
     import torch
     return torch.amp.autocast(device_type=torch.device(device).type, dtype=ptdtype,
                               enabled=ptdtype != torch.float32)
-
-
-def prepare_command(dataset):
-    return f"`python data/{dataset}/prepare.py`"
-
-
-def read_meta(dataset):
-    """data/<dataset>/meta.pkl (vocab_size, and stoi/itos for char-level data) as a dict, or None
-    where the dataset has none (GPT-2 BPE). Paths are relative to the working directory, as
-    nanoGPT's. A file that cannot be read is a ConfigError naming it."""
-    import pickle
-    path = os.path.join('data', dataset, 'meta.pkl')
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, 'rb') as f:
-            meta = pickle.load(f)
-        vocab_size = meta['vocab_size']
-    except Exception as e: # the dataset's file is at fault, not our code: name the file
-        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {first_line(e)}): prepare "
-                          f"the dataset again with {prepare_command(dataset)}") from None
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ConfigError(f"{path}: vocab_size={vocab_size!r} is not a positive integer: prepare "
-                          f"the dataset again with {prepare_command(dataset)}")
-    return meta
-
-
-def check_token_files(dataset, block_size, vocab_size, has_meta):
-    """data/<dataset>/{train,val}.bin exist, hold uint16 tokens, more than block_size of them,
-    and none outside the vocabulary (else an IndexError on the CPU, a device-side assert on
-    CUDA, mid-training). One pass over each file at memory speed (a 300 MB file takes
-    milliseconds once cached). Each problem is a ConfigError that names the file and the fix."""
-    import numpy as np
-    meta_path = os.path.join('data', dataset, 'meta.pkl')
-    prepare = prepare_command(dataset)
-    if has_meta:
-        vocab_source = f"vocab_size in {meta_path}"
-        vocab_fix = (f"the .bin files and meta.pkl come from different preparations; prepare the "
-                     f"dataset again with {prepare}")
-    else:
-        vocab_source = f"GPT-2's, padded, as there is no {meta_path}"
-        vocab_fix = ("a dataset with another vocabulary needs a meta.pkl holding its vocab_size "
-                     "beside the .bin files, as data/shakespeare_char/prepare.py writes")
-    for split in ('train', 'val'):
-        path = os.path.join('data', dataset, f'{split}.bin')
-        if not os.path.exists(path):
-            raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare the dataset first "
-                              f"with {prepare} (offline: add --input PATH/TO/input.txt)")
-        n_bytes = os.path.getsize(path)
-        if n_bytes % 2:
-            raise ConfigError(f"{path} is {n_bytes} bytes, an odd number, so not a file of uint16 "
-                              f"tokens (2 bytes each): it is truncated or not from prepare.py; "
-                              f"prepare the dataset again with {prepare}")
-        n_tokens = n_bytes // 2
-        if n_tokens <= block_size:
-            raise ConfigError(f"block_size={block_size}: {path} holds only {n_tokens} tokens; a "
-                              f"training sequence needs block_size + 1 of them: lower block_size")
-        largest_token = int(np.memmap(path, dtype=np.uint16, mode='r').max())
-        if largest_token >= vocab_size:
-            raise ConfigError(f"{path} holds token id {largest_token}, but the vocabulary has only "
-                              f"{vocab_size} ids ({vocab_source}): {vocab_fix}")

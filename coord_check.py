@@ -36,12 +36,12 @@ import csv
 import functools
 import math
 import os
-import pickle
 import sys
 
 import numpy as np
 import torch
 
+from data import get_batch, read_meta
 from model import GPT, GPTConfig, MuPFlexAttention, load_attn_cls, set_lr
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,17 +93,12 @@ def random_batch(batch_size, block_size, seed, vocab_size=_RANDOM_VOCAB):
 def fixed_batch(batch_size, block_size, seed):
     """(x, y, vocab_size, source): one batch of data/shakespeare_char/train.bin if it has been
     prepared, else random tokens; `source` says which."""
-    path = os.path.join(_DATA_DIR, 'train.bin')
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(_DATA_DIR, 'train.bin')):
         x, y = random_batch(batch_size, block_size, seed)
         return x, y, _RANDOM_VOCAB, 'random tokens (data/shakespeare_char/train.bin not prepared)'
-    data = np.memmap(path, dtype=np.uint16, mode='r')
-    g = torch.Generator().manual_seed(seed)
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
-    xy = torch.stack([torch.from_numpy(data[i:i + block_size + 1].astype(np.int64)) for i in ix])
-    with open(os.path.join(_DATA_DIR, 'meta.pkl'), 'rb') as f:
-        vocab_size = pickle.load(f)['vocab_size']
-    return xy[:, :-1].contiguous(), xy[:, 1:].contiguous(), vocab_size, 'shakespeare_char train.bin'
+    generator = torch.Generator().manual_seed(seed)
+    x, y = get_batch(_DATA_DIR, 'train', batch_size, block_size, generator)[0]
+    return x, y, read_meta(_DATA_DIR)['vocab_size'], 'shakespeare_char train.bin'
 
 def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, base_width=64,
                 vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, attn_cls=MuPFlexAttention, **model_args):
@@ -298,26 +293,27 @@ def print_slopes(all_results, steps, axis='width'):
 if __name__ == '__main__':
     from tqdm import tqdm
 
-    from configurator import ConfigError, configure
+    from configurator import configure
+    from errors import UserError
     globals_defaults = dict(globals())
     configure(globals(), sys.argv[1:])
     if param not in ('sp', 'mup', 'both'):
-        raise ConfigError(f"param={param!r}: use 'sp', 'mup' or 'both'")
+        raise UserError(f"param={param!r}: use 'sp', 'mup' or 'both'")
     try:
         attention = load_attn_cls(attn_cls)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
     block = dict(init_std=init_std, pos_emb=pos_emb, norm=norm, norm_gain=norm_gain, qk_norm=qk_norm, mlp=mlp,
                  n_kv_head=n_kv_head, tie_weights=tie_weights)
     try: # the smallest model, to check the settings before any run
         build_model(min(widths), 'mup', heads, n_layer, n_head, head_dim, base_width, attn_cls=attention, **block)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
     if depths and attn_cls:
-        raise ConfigError(f"attn_cls={attn_cls!r} with depths: the depth check runs the model's own "
+        raise UserError(f"attn_cls={attn_cls!r} with depths: the depth check runs the model's own "
                           f"attention; leave out --attn_cls or --depths")
     if depths and min(depths) < 2:
-        raise ConfigError(f"depths={depths}: every depth must be >= 2 (the statistics include the residual at L/2)")
+        raise UserError(f"depths={depths}: every depth must be >= 2 (the statistics include the residual at L/2)")
     x, y, vocab_size, source = fixed_batch(batch_size, block_size, seed)
     all_results = {}
     if depths:

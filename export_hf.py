@@ -24,11 +24,12 @@ import torch
 
 import checkpoints
 import hf
-from configurator import ConfigError, configure, read_meta
-from model import GPT, GPTConfig
+from configurator import configure
+from data import read_meta
+from errors import UserError
 
 # -----------------------------------------------------------------------------
-out_dir = 'out' # the train.py out_dir holding ckpt.pt (and the shard directory it names, under FSDP)
+out_dir = 'out' # the train.py out_dir holding ckpt.pt (and the shard directory it names, under FSDP), or a checkpoint file in it
 hf_dir = '' # the directory to write; it must not exist yet
 # -----------------------------------------------------------------------------
 
@@ -56,24 +57,18 @@ def export(out_dir, hf_dir):
     was written). Every check comes before the first byte is written; the files go to a temporary
     directory beside hf_dir, renamed to it when complete."""
     if not hf_dir:
-        raise ConfigError("hf_dir is not set: pass --hf_dir=<a new directory>")
+        raise UserError("hf_dir is not set: pass --hf_dir=<a new directory>")
     if os.path.exists(hf_dir):
-        raise ConfigError(f"hf_dir={hf_dir!r} exists: pass a new directory (nothing is overwritten)")
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if not os.path.exists(ckpt_path):
-        raise ConfigError(f"out_dir={out_dir!r}: no checkpoint at {ckpt_path}: pass the out_dir of a train.py run")
-    checkpoint = checkpoints.read(out_dir, 'cpu')
+        raise UserError(f"hf_dir={hf_dir!r} exists: pass a new directory (nothing is overwritten)")
+    model, checkpoint = checkpoints.load_run(out_dir, 'cpu', attn_backend='auto')
     try:
-        config = GPTConfig(**{**checkpoint['model_args'], 'attn_backend': 'auto'})
-        hf.target(config) # an option with no transformers counterpart stops here
+        hf.target(model.config) # an option with no transformers counterpart stops here
         hf.transformers_module()
     except ValueError as e:
-        raise ConfigError(f"{ckpt_path}: {e}") from None
-    model = GPT(config)
-    checkpoints.load_model(checkpoint, out_dir, model)
+        raise UserError(f"{checkpoints.checkpoint_file(out_dir)}: {e}") from None
     exported = hf.to_transformers(model.float())
-    dataset = checkpoint['config'].get('dataset', '')
-    tokenizer = gpt2_tokenizer() if dataset and read_meta(dataset) is None else None
+    dataset = checkpoint.get('config', {}).get('dataset', '')
+    tokenizer = gpt2_tokenizer() if dataset and read_meta(os.path.join('data', dataset)) is None else None
     parent = os.path.dirname(os.path.abspath(hf_dir))
     work = tempfile.mkdtemp(prefix='.export_', dir=parent)
     try:

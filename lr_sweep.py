@@ -112,25 +112,26 @@ def report_sweep(table, axis, sizes, log2_lrs, it):
         print(f"{variant}: best lr moves by {max(bests) - min(bests)} grid steps across {axis}s {sizes}{note}")
 
 if __name__ == '__main__':
-    from configurator import ConfigError, configure
+    from configurator import configure
+    from errors import UserError
     config = configure(globals(), sys.argv[1:])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
     if depths:
         if n_layer not in depths:
-            raise ConfigError(f"depths={depths} must include n_layer={n_layer}: the base depth of the depth scalings, "
+            raise UserError(f"depths={depths} must include n_layer={n_layer}: the base depth of the depth scalings, "
                               f"where the lr is found")
         if base_width % n_head:
-            raise ConfigError(f"base_width={base_width}, the depth sweep's width, must be a multiple of "
+            raise UserError(f"base_width={base_width}, the depth sweep's width, must be a multiple of "
                               f"n_head={n_head}")
         grid = depth_grid(depths, log2_lrs, max_iters, base_width, n_layer)
         axis, sizes, model = 'depth', depths, f'width {base_width}'
     else:
         if base_width not in widths:
-            raise ConfigError(f"base_width={base_width} is not among widths={widths}: muP's reference model "
+            raise UserError(f"base_width={base_width} is not among widths={widths}: muP's reference model "
                               f"must be swept too")
         if any(w % n_head for w in widths):
-            raise ConfigError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
+            raise UserError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
         grid = width_grid(widths, log2_lrs, max_iters)
         axis, sizes, model = 'width', widths, f'{n_layer}-layer GPT'
     for d in ('results', 'assets'):

@@ -242,20 +242,21 @@ def report_causes(results, wide, it):
 # -----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    from configurator import ConfigError, configure
+    from configurator import configure
+    from errors import UserError
     config = configure(globals(), sys.argv[1:])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
     if study not in _STUDIES:
-        raise ConfigError(f"study={study!r}: choose one of {', '.join(_STUDIES)} (one study per run)")
+        raise UserError(f"study={study!r}: choose one of {', '.join(_STUDIES)} (one study per run)")
     if study == 'joint' and (joint_width % n_head or base_width % n_head):
-        raise ConfigError(f"joint_width={joint_width} and base_width={base_width} must be multiples of "
+        raise UserError(f"joint_width={joint_width} and base_width={base_width} must be multiples of "
                           f"n_head={n_head}")
     if study != 'joint' and base_width not in widths:
-        raise ConfigError(f"base_width={base_width} is not among widths={widths}: muP's reference model "
+        raise UserError(f"base_width={base_width} is not among widths={widths}: muP's reference model "
                           f"must be measured too")
     if study != 'joint' and any(w % n_head for w in widths):
-        raise ConfigError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
+        raise UserError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
     muon_lr_mult_start = setup['muon_lr_mult'] if setup['optimizer'] == 'muon' else None # searched with the rest
     for d in ('results', 'assets'):
         os.makedirs(d, exist_ok=True)

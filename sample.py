@@ -8,12 +8,12 @@ import sys
 import torch
 
 import checkpoints
-from configurator import (DTYPES, ConfigError, autocast, configure, read_meta, require,
-                          resolve_device, resolve_dtype)
-from model import GPT, GPTConfig
+from configurator import DTYPES, autocast, configure, require, resolve_device, resolve_dtype
+from data import read_meta
+from errors import UserError
 
 # -----------------------------------------------------------------------------
-out_dir = 'out' # the train.py out_dir holding ckpt.pt
+out_dir = 'out' # the train.py out_dir holding ckpt.pt (or a checkpoint file in it)
 start = "\n" # or "<|endoftext|>" etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 3 # number of samples to draw
 batch_size = 16 # samples drawn together, one KV cache for all (its memory grows with it)
@@ -41,15 +41,15 @@ device = resolve_device(device) # 'auto' becomes cuda, mps or cpu
 if start.startswith('FILE:'):
     prompt_path = start[len('FILE:'):]
     if not os.path.isfile(prompt_path):
-        raise ConfigError(f"start={start!r}: the prompt file {prompt_path!r} does not exist")
+        raise UserError(f"start={start!r}: the prompt file {prompt_path!r} does not exist")
     try:
         with open(prompt_path, 'r', encoding='utf-8') as f:
             prompt = f.read()
     except UnicodeDecodeError as e:
-        raise ConfigError(f"start={start!r}: the prompt file {prompt_path!r} is not UTF-8 text "
+        raise UserError(f"start={start!r}: the prompt file {prompt_path!r} is not UTF-8 text "
                           f"({e.reason} at byte {e.start}): save it as UTF-8") from None
     except OSError as e:
-        raise ConfigError(f"start={start!r}: the prompt file {prompt_path!r} cannot be read "
+        raise UserError(f"start={start!r}: the prompt file {prompt_path!r} cannot be read "
                           f"({e.strerror})") from None
     prompt_source = f"the prompt file {prompt_path!r}"
 else:
@@ -59,29 +59,19 @@ else:
 torch.manual_seed(seed)
 ctx = autocast(device, resolve_dtype(dtype, device))
 
-# model
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if not os.path.exists(ckpt_path):
-    raise ConfigError(f"out_dir={out_dir!r}: no checkpoint at {ckpt_path}: train first "
-                      f"(python train.py ...) or pass --out_dir=<the train.py out_dir>")
-checkpoint = checkpoints.read(out_dir, device)
-try: # the model as trained (its attention class too), on this run's attention backend
-    model = GPT(GPTConfig(**{**checkpoint['model_args'], 'attn_backend': attn_backend}))
-except ValueError as e:
-    raise ConfigError(f"{ckpt_path}: {e}") from None
-checkpoints.load_model(checkpoint, out_dir, model)
+# the model as trained (its attention class too), on this run's attention backend
+model, checkpoint = checkpoints.load_run(out_dir, device, attn_backend=attn_backend)
 model.eval()
-model.to(device)
 
 # encoding: the dataset's meta.pkl for char-level data, GPT-2 BPE otherwise
-dataset = checkpoint['config'].get('dataset', '')
-meta = read_meta(dataset) if dataset else None
+dataset = checkpoint.get('config', {}).get('dataset', '')
+meta = read_meta(os.path.join('data', dataset)) if dataset else None
 if meta is not None:
     print(f"Loading meta from data/{dataset}/meta.pkl...")
     stoi, itos = meta['stoi'], meta['itos']
     unknown = sorted(set(prompt) - set(stoi))
     if unknown:
-        raise ConfigError(f"{prompt_source} contains characters not in the {dataset} "
+        raise UserError(f"{prompt_source} contains characters not in the {dataset} "
                           f"vocabulary: {unknown}")
     encode = lambda s: [stoi[c] for c in s]
     decode = lambda l: ''.join([itos[i] for i in l])
@@ -95,7 +85,7 @@ else:
 # encode the beginning of the prompt
 start_ids = encode(prompt)
 if not start_ids:
-    raise ConfigError(f"{prompt_source} is empty: the model needs at least one token to "
+    raise UserError(f"{prompt_source} is empty: the model needs at least one token to "
                       f"continue; give it some text (the default --start is a newline)")
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
 

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from configurator import ConfigError
+from errors import UserError
 from model import load_attn_cls
 
 _TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
@@ -161,7 +161,7 @@ class Runner:
         try:
             load_attn_cls(fixed['attn_cls'])
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise UserError(str(e)) from None
         self.path, self.fixed, self.seeds = path, fixed, seeds
         self.jobs, self.threads, self.reuse = jobs, threads, reuse
         self.records = {} # key -> record: what the file holds, and this session's runs once measured

@@ -35,14 +35,14 @@ import tempfile
 import time
 from dataclasses import fields
 
-import numpy as np
 import torch
 
 import checkpoints
 import distributed
 import hf
-from configurator import (DTYPES, ConfigError, autocast, check_token_files, configure, read_meta,
-                          require, resolve_device, resolve_dtype)
+from configurator import DTYPES, autocast, configure, require, resolve_device, resolve_dtype
+from data import check_token_files, get_batch, read_meta
+from errors import UserError
 from model import GPT, GPTConfig, device_peak_flops, set_lr
 
 # -----------------------------------------------------------------------------
@@ -156,13 +156,13 @@ require(config, 'init_from', init_from in ('scratch', 'resume', *hf.GPT2_SIZES) 
         f"transformers' GPT2LMHeadModel.save_pretrained wrote")
 device = resolve_device(device) # 'auto' becomes cuda, mps or cpu
 if fsdp and not procs.ddp:
-    raise ConfigError("fsdp=True shards the model over torchrun's processes: launch with "
+    raise UserError("fsdp=True shards the model over torchrun's processes: launch with "
                       "torchrun --standalone --nproc_per_node=<N> train.py ... --fsdp=True")
 if fsdp and dtype == 'float16':
-    raise ConfigError("fsdp=True with dtype='float16': FSDP here computes in bfloat16 or "
+    raise UserError("fsdp=True with dtype='float16': FSDP here computes in bfloat16 or "
                       "float32; use --dtype=bfloat16 (or auto)")
 if gradient_accumulation_steps % procs.world_size:
-    raise ConfigError(f"gradient_accumulation_steps={gradient_accumulation_steps}: must be a "
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps}: must be a "
                       f"multiple of the number of processes ({procs.world_size}), since it "
                       f"counts the micro-batches of the global batch; e.g. "
                       f"--gradient_accumulation_steps={procs.world_size}")
@@ -170,24 +170,25 @@ if gradient_accumulation_steps % procs.world_size:
 # the data: uint16 token files written by data/<dataset>/prepare.py, relative to the working
 # directory (as nanoGPT); meta.pkl, if there is one, holds the dataset's vocab_size. The model's
 # settings come before the token files' checks, which need a valid block_size.
-meta = read_meta(dataset)
+data_dir = os.path.join('data', dataset)
+meta = read_meta(data_dir)
 vocab_size = 50304 # without meta.pkl: GPT-2's 50257 tokens, padded up to a multiple of 64
 if meta is not None:
     vocab_size = meta['vocab_size']
-    print(f"found vocab_size = {vocab_size} (inside data/{dataset}/meta.pkl)")
+    print(f"found vocab_size = {vocab_size} (inside {data_dir}/meta.pkl)")
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name != 'vocab_size'}
 model_args['vocab_size'] = vocab_size
 try:
     GPTConfig(**model_args)
 except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise UserError(str(e)) from None
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if procs.master: # fail now, not at the first checkpoint after a long stretch of training
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
     except OSError as e:
-        raise ConfigError(f"out_dir={out_dir!r} is not a writable directory ({e}): checkpoints "
+        raise UserError(f"out_dir={out_dir!r} is not a writable directory ({e}): checkpoints "
                           f"are saved there; pass --out_dir=<a directory you can write>") from None
 checkpoint = None
 pretrained = None # GPT-2's weights, named as GPT's
@@ -200,7 +201,7 @@ elif init_from != 'scratch':
     try:
         architecture, pretrained = hf.load_gpt2(init_from)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
     # GPT-2's architecture from the checkpoint; its positions cropped to this run's block_size
     model_args.update(architecture, block_size=min(block_size, architecture['block_size']))
     pretrained['transformer.wpe.weight'] = pretrained['transformer.wpe.weight'][:model_args['block_size']]
@@ -210,9 +211,9 @@ try:
     if pretrained is not None:
         hf.check_gpt2_settings(gptconf)
 except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise UserError(str(e)) from None
 block_size = gptconf.block_size # GPT-2 may have fewer positions than asked for
-check_token_files(dataset, block_size, gptconf.vocab_size, has_meta=meta is not None)
+check_token_files(data_dir, block_size, gptconf.vocab_size, has_meta=meta is not None)
 
 # -----------------------------------------------------------------------------
 # the processes, the device and the precision
@@ -232,28 +233,10 @@ scaler = torch.amp.GradScaler(torch.device(device).type, enabled=ptdtype == torc
 # own share, so N processes see exactly the micro-batches one process sees with N x accumulation.
 data_rng = torch.Generator().manual_seed(seed)
 
-def get_batch(split, generator, n_micro):
-    """n_micro micro-batches (x, y) of this process's share; the generator is advanced
-    identically on every process."""
-    # recreate np.memmap every batch to avoid a memory leak, as per
-    # https://stackoverflow.com/a/61472122
-    data = np.memmap(os.path.join('data', dataset, f'{split}.bin'), dtype=np.uint16, mode='r')
-    starts = torch.randint(len(data) - block_size, (n_micro * procs.world_size, batch_size),
-                           generator=generator)
-    my_starts = starts[procs.rank * n_micro:(procs.rank + 1) * n_micro]
-    batches = []
-    for row in my_starts.tolist():
-        x = torch.stack([torch.from_numpy(data[i:i+block_size].astype(np.int64)) for i in row])
-        y = torch.stack([torch.from_numpy(data[i+1:i+1+block_size].astype(np.int64)) for i in row])
-        if torch.device(device).type == 'cuda':
-            # pin arrays x,y, which allows us to move them to GPU asynchronously
-            x = x.pin_memory().to(device, non_blocking=True)
-            y = y.pin_memory().to(device, non_blocking=True)
-        else:
-            x = x.to(device)
-            y = y.to(device)
-        batches.append((x, y))
-    return batches
+def next_batches(split, generator, n_micro):
+    """n_micro micro-batches (x, y) of this process's share (data.get_batch)."""
+    return get_batch(data_dir, split, batch_size, block_size, generator, device, n_micro,
+                     procs.rank, procs.world_size)
 
 # -----------------------------------------------------------------------------
 # the model and the optimizer, from scratch or from the checkpoint to resume
@@ -271,7 +254,7 @@ torch.manual_seed(seed)
 try:
     model = GPT(gptconf) # its attention class is gptconf.attn_cls's
 except ValueError as e: # the settings (or the attention class they name) cannot build a model
-    raise ConfigError(str(e)) from None
+    raise UserError(str(e)) from None
 torch.manual_seed(seed + procs.rank)
 if pretrained is not None:
     model.load_state_dict(pretrained)
@@ -329,7 +312,7 @@ def estimate_loss():
         generator = torch.Generator().manual_seed(seed + 1)
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split, generator, 1)[0]
+            X, Y = next_batches(split, generator, 1)[0]
             with ctx:
                 logits, loss = model(X, Y)
             losses[k] = loss.item()
@@ -399,7 +382,7 @@ if checkpoint is not None:
               f"processes, this run has {procs.world_size}: dropout continues from fresh seeds")
 checkpoint = None # free up memory
 batch_rng_state = data_rng.get_state() # what drew `batches`: a checkpoint stores it
-batches = get_batch('train', data_rng, local_accum_steps) # fetch the very first batch
+batches = next_batches('train', data_rng, local_accum_steps) # fetch the very first batch
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 t0 = time.time()
@@ -447,7 +430,7 @@ while True:
         scaler.scale(loss).backward()
     batch_rng_state = data_rng.get_state()
     # the next batch, while the GPU is busy
-    batches = get_batch('train', data_rng, local_accum_steps)
+    batches = next_batches('train', data_rng, local_accum_steps)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     # one all-reduce per step: the global batch's loss, and whether any process was asked to

@@ -77,18 +77,18 @@ def run_script(script, *args, cwd, launcher=(sys.executable,), timeout=300, env=
 
 
 def stops_with(script, *args, cwd, monkeypatch, env=None):
-    """The one-line message of the ConfigError that `script` stops with, run in this process (as
+    """The one-line message of the UserError that `script` stops with, run in this process (as
     a user runs it, from `cwd`, with these arguments and environment). For checks that come
     before any work: milliseconds where a subprocess spends seconds importing torch. That such an
     error prints one line and exits non-zero is the excepthook's (configurator.py), checked in a
     subprocess by tests/test_errors.py."""
-    from configurator import ConfigError
+    from errors import UserError
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, 'argv', [script, *args])
     monkeypatch.setattr(sys, 'excepthook', sys.excepthook) # configure() sets its own
     for key, value in (env or {}).items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UserError) as error:
         runpy.run_path(os.path.join(ROOT, script), run_name='__main__')
     message = str(error.value)
     assert '\n' not in message, message

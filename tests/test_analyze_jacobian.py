@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import analyze_jacobian as aj
+import checkpoints
 from conftest import make_gpt, tokens
+from errors import UserError
 from model import GPT, MuPFlexAttention
 
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -144,14 +146,16 @@ def test_checkpoint_is_loaded_with_a_backend_that_captures(tmp_path):
     model = make(attn_backend='sdpa')
     args = dataclasses.asdict(model.config) # as train.py saves them
     torch.save({'model': model.state_dict(), 'model_args': args, 'iter_num': 3}, tmp_path / 'ckpt.pt')
-    loaded, dataset = aj.load_checkpoint(str(tmp_path), 'cpu')
-    assert dataset == 'shakespeare_char' # a checkpoint without train.py's config
+    loaded, checkpoint = checkpoints.load_run(str(tmp_path), 'cpu', setting='ckpt')
+    assert aj.trained_on(checkpoint) == 'shakespeare_char' # a checkpoint without train.py's config
     for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(p, q), name
+    from_file, _ = checkpoints.load_run(str(tmp_path / 'ckpt.pt'), 'cpu', setting='ckpt') # the file itself
+    assert all(torch.equal(p, q) for p, q in zip(loaded.state_dict().values(), from_file.state_dict().values()))
     loss, stats = aj.analyze(loaded, tokens(T=16), tokens(T=16, seed=2))
     assert stats['cos_diag'].shape == (TINY['n_layer'], TINY['n_head'])
-    with pytest.raises(FileNotFoundError, match='train.py out_dir'):
-        aj.load_checkpoint(str(tmp_path / 'nowhere'), 'cpu')
+    with pytest.raises(UserError, match="ckpt='.*nowhere': no checkpoint at .*train.py run"):
+        checkpoints.load_run(str(tmp_path / 'nowhere'), 'cpu', setting='ckpt')
 
 
 def test_ckpt_refuses_training_settings():

@@ -11,7 +11,7 @@ import torch
 import bench as bench_module
 from conftest import ok, run_script
 from attn_mods import ATTN_MODS
-from configurator import ConfigError
+from errors import UserError
 
 TINY = ['--n_layer=1', '--n_head=2', '--n_embd=32', '--mup_base_width=16', '--block_size=16', '--batch_size=2',
         '--vocab_size=11', '--seq_lens=8,16', '--warmup=1', '--iters=3', '--optimizers=adamw,muon']
@@ -118,7 +118,7 @@ def test_bench_gpu_mode_on_cpu_says_it_needs_cuda(tmp_path):
      "error: attn_backend=sdpa cannot train attn_mod=alibi on cpu: use --attn_backend=all or one of ['auto', 'dense']"),
 ])
 def test_bench_reports_a_bad_setting_in_one_line(tmp_path, args, wanted):
-    """A ConfigError, which the configurator prints as one line, without a traceback."""
+    """A UserError, which the configurator prints as one line, without a traceback."""
     proc = run_script('bench.py', *args, cwd=tmp_path, timeout=120)
     lines = proc.stderr.splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(wanted), proc.stderr
@@ -134,5 +134,5 @@ def test_bench_reports_a_bad_setting_in_one_line(tmp_path, args, wanted):
 ])
 def test_bench_refuses_settings_it_does_not_know(monkeypatch, key, value, wanted):
     monkeypatch.setattr(bench_module, key, value)
-    with pytest.raises(ConfigError, match=wanted):
+    with pytest.raises(UserError, match=wanted):
         bench_module.check_settings()

@@ -3,7 +3,8 @@ import types
 
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import configure
+from errors import UserError
 
 
 def defaults():
@@ -223,12 +224,12 @@ def test_config_file_values_are_type_checked(tmp_path):
 
 def test_missing_config_file(tmp_path):
     missing = str(tmp_path / 'nope.py')
-    with pytest.raises(ConfigError, match=r"nope\.py.*config/"):
+    with pytest.raises(UserError, match=r"nope\.py.*config/"):
         run(missing)
 
 
 def test_forgotten_dashes_hint():
-    with pytest.raises(ConfigError, match=r"did you mean --batch_size=4\?"):
+    with pytest.raises(UserError, match=r"did you mean --batch_size=4\?"):
         run('batch_size=4')
 
 

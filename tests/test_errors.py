@@ -3,7 +3,7 @@ and sample.py before any work, with one line that names the key or file, the pro
 fix, no traceback, and a non-zero exit. So does a checkpoint that cannot be written (a full
 disk), keeping the last good one. A real bug still shows its traceback.
 
-That a ConfigError reaches the user as that one line is checked in subprocesses, as a user runs
+That a UserError reaches the user as that one line is checked in subprocesses, as a user runs
 the scripts (one_line_error); which error each bad input raises is checked in this process
 (stops_with), since a subprocess spends seconds importing torch for each."""
 import ast
@@ -20,7 +20,7 @@ from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script, stops_with
 
 
 def error_line(proc):
-    """The message of a process that stopped on a ConfigError: exactly one `error:` line."""
+    """The message of a process that stopped on a UserError: exactly one `error:` line."""
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert 'Traceback' not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -29,7 +29,7 @@ def error_line(proc):
 
 
 def one_line_error(proc):
-    """The message of a process that stopped on a ConfigError before training."""
+    """The message of a process that stopped on a UserError before training."""
     line = error_line(proc)
     assert 'iter 0' not in proc.stdout # nothing trained
     return line
@@ -231,7 +231,7 @@ def test_a_bad_prompt_file_stops_sample_py_naming_it(workdir, trained, tmp_path,
 
 @pytest.mark.parametrize('damage, wanted', [
     ('garbage', 'is truncated or corrupt, it cannot be loaded'),
-    ('foreign', 'is not a checkpoint of train.py (missing model, model_args, config)'),
+    ('foreign', 'is not a checkpoint of train.py (missing model, model_args)'),
 ])
 def test_a_broken_checkpoint_stops_sample_py_naming_it(workdir, tmp_path, damage, wanted):
     """In a subprocess: sample.py's one-line errors reach the user as train.py's do."""

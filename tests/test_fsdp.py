@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+import checkpoints
 from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script, stops_with
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
@@ -168,9 +169,8 @@ def test_an_fsdp_run_killed_resumes_exactly_and_samples_on_one_process(workdir):
     sampled = ok(run_script('sample.py', f'--out_dir={cut_dir}', '--device=cpu', '--num_samples=1',
                             '--max_new_tokens=20', cwd=workdir))
     assert sampled.count('---------------') == 1
-    from analyze_jacobian import load_checkpoint # its --ckpt path
-    model, dataset = load_checkpoint(str(cut_dir), 'cpu')
-    assert dataset == 'tiny'
+    model, checkpoint = checkpoints.load_run(str(cut_dir), 'cpu') # what sample.py and analyze_jacobian.py load
+    assert checkpoint['config']['dataset'] == 'tiny'
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     dcp_to_torch_save(sharded_directory(cut_dir), workdir / 'fsdp-killed-whole.pt')
     whole = torch.load(workdir / 'fsdp-killed-whole.pt', weights_only=False)['model']
@@ -227,7 +227,6 @@ def test_a_full_disk_at_a_sharded_save_removes_its_directory_and_keeps_the_last_
     assert len(re.findall(line, proc.stderr)) == 2, proc.stderr[-3000:]
     assert f"{out_dir}/ckpt.pt is the last good checkpoint" in proc.stderr
     assert listing(out_dir) == ['ckpt.pt', 'ckpt_000010_*.dcp']
-    import checkpoints
     from model import GPT, GPTConfig
     saved = checkpoints.read(str(out_dir), 'cpu')
     assert saved['iter_num'] == 10
