@@ -47,30 +47,24 @@ from tqdm import tqdm
 
 import checkpoints
 from attn_mods import attention_probs, repeat_heads
-from configurator import configure
+from configurator import configure, model_config, model_settings, resolve_device
 from data import get_batch, read_meta
 from errors import UserError
-from model import GPT, GPTConfig, set_lr
+from model import GPT, set_lr
 
 # -----------------------------------------------------------------------------
-# settings, each overridable with --key=value
+# ---- settings, each overridable with --key=value
 steps = 500          # training steps from scratch (0: analyse the model at initialisation)
 batch_size = 32      # sequences per training batch and in the diagnostic batch
-mup_base_width = 0   # 0 = SP; otherwise muP relative to this width (docs/mup.md)
-attn_mod = 'causal'  # any attn_mods.ATTN_MODS entry: 'sliding_window:16', 'alibi', 'soft_cap:20', ...
-attn_cls = ''        # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
-# the block (model.GPTConfig): GPT-2's by default; QK-norm changes what reaches the softmax
-pos_emb = 'learned'
-norm = 'layernorm'
-qk_norm = False
-mlp = 'gelu'
-n_kv_head = 0
 device = 'auto'      # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', ...
 out = 'out-jacobian' # where jacobian.json and jacobian.png go
 ckpt = ''            # a train.py run (its out_dir or ckpt.pt): analyse its model instead of training
+# ---- the model trained here (without --ckpt): every field of model.GPTConfig is a setting, at its
+# default there but for these (its comment there is its --help). Try --attn_mod=sliding_window:16,
+# --qk_norm=True (it changes what reaches the softmax) or --attn_cls=path/to/file.py:YourClass.
+globals().update(model_settings(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False))
 # -----------------------------------------------------------------------------
 # fixed by issue 5 (underscored, so the configurator does not offer them as keys)
-_MODEL_ARGS = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False)
 _LR, _SEED = 1e-3, 1337
 _WEIGHT_DECAY, _BETAS, _GRAD_CLIP = 0.1, (0.9, 0.99), 1.0 # train.py's defaults
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,10 +72,8 @@ _DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
 _PREPARE = os.path.join(_DATA_DIR, 'prepare.py')
 # verdict thresholds on the mean cos_diag of a layer (cos 0.9 is 26 degrees off the true gradient)
 _GOOD, _FAIR = 0.9, 0.7
-# the defaults of the settings that only make sense when training (--ckpt refuses them)
-_BLOCK_KEYS = ('pos_emb', 'norm', 'qk_norm', 'mlp', 'n_kv_head')
-_TRAINING_DEFAULTS = dict(steps=steps, mup_base_width=mup_base_width, attn_mod=attn_mod, attn_cls=attn_cls,
-                          **{key: globals()[key] for key in _BLOCK_KEYS})
+# the settings that only make sense when training, with their defaults: --ckpt refuses others
+_TRAINING_DEFAULTS = {key: globals()[key] for key in ('steps', *model_settings())}
 
 # -----------------------------------------------------------------------------
 # the two backward rules and the statistics
@@ -267,30 +259,23 @@ def run(model, data_dir, steps, batch_size, device, out):
 
 def main(c):
     """c: the settings, as configure() returns them."""
-    dev = c['device']
-    if dev == 'auto':
-        dev = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    dev = resolve_device(c['device'])
     refused = [k for k, default in _TRAINING_DEFAULTS.items() if c[k] != default]
     if c['ckpt'] and refused:
         raise UserError(f"--ckpt analyses the checkpoint's own model and trains nothing: drop "
-                         f"{', '.join('--' + k for k in refused)}")
+                        f"{', '.join('--' + k for k in refused)}")
     torch.manual_seed(_SEED)
     if not c['ckpt']:
         vocab_size = ensure_data()
-        try:
-            config = GPTConfig(**_MODEL_ARGS, vocab_size=vocab_size, mup_base_width=c['mup_base_width'],
-                               attn_mod=c['attn_mod'], attn_cls=c['attn_cls'], **{k: c[k] for k in _BLOCK_KEYS})
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        model = GPT(config).to(dev)
+        model = GPT(model_config(c, vocab_size=vocab_size)).to(dev)
         return run(model, _DATA_DIR, c['steps'], c['batch_size'], dev, c['out'])
     model, checkpoint = checkpoints.load_run(c['ckpt'], dev, setting='ckpt')
     dataset = trained_on(checkpoint)
     data_dir = os.path.join('data', dataset) # relative to the working directory, as train.py's
     if not os.path.exists(os.path.join(data_dir, 'val.bin')):
         raise UserError(f"{c['ckpt']} was trained on dataset={dataset!r}, whose {data_dir}/val.bin is "
-                          f"not here: run from the directory it was trained in, or prepare it with "
-                          f"`python data/{dataset}/prepare.py`")
+                        f"not here: run from the directory it was trained in, or prepare it with "
+                        f"`python data/{dataset}/prepare.py`")
     return run(model, data_dir, 0, c['batch_size'], dev, c['out'])
 
 if __name__ == '__main__':

@@ -33,7 +33,8 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from configurator import DTYPES, autocast, configure, require, resolve_device, resolve_dtype
+from configurator import (DTYPES, autocast, configure, model_config, model_settings, require, resolve_device,
+                          resolve_dtype)
 from errors import UserError, first_line
 from attn_mods import ATTN_MODS, parse_attn_mod
 from generate import KVCache, cache_slides
@@ -41,15 +42,13 @@ from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
 
 # -----------------------------------------------------------------------------
 modes = ('train', 'attention') # any of 'train', 'attention', 'block', 'decode', 'distributed', 'gpu' (CUDA only)
-# the model of the training-step benchmark (shakespeare_char's vocabulary; random tokens)
-batch_size = 8
-block_size = 256
-vocab_size = 65
-n_layer = 4
-n_head = 6
-n_embd = 384
-bias = False
-attn_mod = 'causal'
+# ---- the model of the training-step benchmark: every field of model.GPTConfig is a setting, at
+# its default there but for these (its comment there is its --help), and the rows set two
+# themselves: the backend and muP's base width
+batch_size = 8 # sequences per step, of random tokens
+vocab_size = 65 # shakespeare_char's vocabulary
+globals().update(model_settings('attn_backend', 'mup_base_width', n_layer=4, n_head=6, n_embd=384,
+                                block_size=256, bias=False))
 attn_backend = 'all' # 'all' (every backend that applies here) or one of 'auto', 'sdpa', 'flex', 'dense'
 parameterization = 'both' # 'sp', 'mup' or 'both'
 mup_base_width = 96 # the muP rows: muP relative to this width (a multiple of n_head), SP otherwise
@@ -541,8 +540,8 @@ if __name__ == '__main__':
           f"torch {torch.__version__}, load average {report['environment']['load_average_start'][0]:.2f}")
 
     if 'train' in modes:
-        cfg = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                        n_embd=n_embd, bias=bias, dropout=0.0, attn_mod=attn_mod)
+        # each row sets its backend and parameterization
+        cfg = model_config(config, vocab_size=vocab_size, attn_backend='auto', mup_base_width=0)
         backends = [b for b in BACKENDS if trains_here(attn_mod, b, device)] if attn_backend == 'all' else [attn_backend]
         params = ['sp', 'mup'] if parameterization == 'both' else [parameterization]
         rows, peak = train_rows(cfg, ['sdpa-direct'] + backends, params, compiles, batch_size, device, ptdtype,

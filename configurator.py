@@ -17,10 +17,13 @@ this machine has, or a UserError that says what to pass instead.
 
 import ast
 import difflib
+import io
 import os
 import sys
+import tokenize
 import traceback
 import types
+from dataclasses import fields
 
 from errors import UserError
 
@@ -34,7 +37,7 @@ def _report(exc_type, exc, tb):
 _SCALARS = (bool, int, float, str)
 
 def _is_configurable(name, value):
-    if name.startswith('_'):
+    if name.startswith('_') or name.isupper(): # private, or a constant (an imported table of choices)
         return False
     if isinstance(value, (tuple, list)):
         return all(isinstance(v, _SCALARS) for v in value)
@@ -106,13 +109,76 @@ def _unknown(key, keys, where):
     hint = f"did you mean {' or '.join(close)}?" if close else "run with --help to list the valid keys"
     return UserError(f"unknown config key '{key}' {where}; {hint}")
 
-def _print_help(config, keys):
+def comments(source, before=None):
+    """{name: what it means}, for the assignments in `source` (a script's settings, a dataclass's
+    fields) and its name=value arguments (a dict(...) of settings), before line `before` if given: the comment at the end of the assignment, else the
+    comment lines just above it. A comment that heads a section ('# ---- ...') belongs to none.
+    The first assignment of a name outside functions (in the order the statements nest, the
+    outermost first) is the one that counts."""
+    line_comments = {token.start[0]: token.string.lstrip('#').strip()
+                     for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                     if token.type == tokenize.COMMENT}
+    lines = [line.strip() for line in source.splitlines()]
+    found = {}
+    for node in outside_functions(ast.parse(source)):
+        if not isinstance(node, (ast.Assign, ast.AnnAssign, ast.keyword)) or (before and node.lineno >= before):
+            continue
+        text = line_comments.get(node.end_lineno) # at the end of the statement's last line
+        if text is None:
+            above = []
+            number = node.lineno - 1
+            while number >= 1 and lines[number - 1].startswith('#') and not lines[number - 1].startswith('# --'):
+                above.insert(0, line_comments[number])
+                number -= 1
+            text = ' '.join(above)
+        if isinstance(node, ast.keyword): # name=value in a call, as in a dict(...) of settings
+            names = [node.arg] if node.arg else []
+        else:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [target.id for target in targets if isinstance(target, ast.Name)]
+        for name in names:
+            if text:
+                found.setdefault(name, text)
+    return found
+
+
+def outside_functions(tree):
+    """ast.walk's nodes (outermost first) but those inside a function: a variable there is not a
+    setting."""
+    todo = [tree]
+    while todo:
+        node = todo.pop(0)
+        yield node
+        todo.extend(child for child in ast.iter_child_nodes(node)
+                    if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+
+def settings_comments(source):
+    """comments() of a script's settings, those assigned before it calls configure(); of a
+    module that calls no configure(), of everything (model.py's GPTConfig, a dict of settings)."""
+    calls = [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Name) and node.func.id == 'configure']
+    return comments(source, before=min(calls, default=None))
+
+
+def _print_help(config, keys, documented_in):
     if config.get('__doc__'): # what the script does, before the keys it takes
         print(config['__doc__'].strip() + '\n')
+    # a setting's meaning is its comment where it is defined: model.GPTConfig's fields, the files
+    # the script names (sweep_runner.py's REFERENCE, say), and the script itself, whose word
+    # counts most
+    model_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'model.py')
+    meanings = {}
+    for path in (model_py, *documented_in, config.get('__file__')):
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                meanings.update(settings_comments(f.read()))
     print("usage: python <script>.py [config/<file>.py ...] [--key=value ...]")
-    print("configurable keys, with their defaults:")
+    print("settings, with their defaults and what they mean:")
     for k in keys:
-        print(f"  --{k}={config[k]!r}  # {_type_name(config[k])}")
+        flag = f"--{k}={config[k]!r}"
+        meaning = f"{_type_name(config[k])}; {meanings[k]}" if k in meanings else _type_name(config[k])
+        print(f"  {flag:<32} {meaning}" if len(flag) <= 32 else f"  {flag}\n  {'':<32} {meaning}")
 
 def _run_config_file(path, config, keys, verbose):
     if not os.path.isfile(path):
@@ -143,13 +209,14 @@ def _run_config_file(path, config, keys, verbose):
         if verbose:
             print(f"Overriding: {k} = {config[k]!r}")
 
-def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
+def configure(config: dict, argv: list[str], verbose: bool = True, documented_in=()) -> dict:
     """Apply config files and --key=value overrides from argv to config (a
-    script's globals()) in place; return a dict of the configurable keys."""
+    script's globals()) in place; return a dict of the configurable keys.
+    documented_in: files whose comments say what some settings mean (--help)."""
     sys.excepthook = _report
     keys = [k for k, v in config.items() if _is_configurable(k, v)]
     if '-h' in argv or '--help' in argv:
-        _print_help(config, keys)
+        _print_help(config, keys, documented_in)
         raise SystemExit(0)
     for arg in argv:
         if not arg.startswith('-'):
@@ -165,6 +232,32 @@ def configure(config: dict, argv: list[str], verbose: bool = True) -> dict:
         if verbose:
             print(f"Overriding: {key} = {config[key]!r}")
     return {k: config[k] for k in keys}
+
+
+def model_settings(*set_by_script, **defaults):
+    """Every field of model.GPTConfig as a script setting: {name: default}, with the script's own
+    defaults for some, to put among its globals before configure(). A field added to GPTConfig
+    is then a --flag of every script that does this, its comment there the flag's --help.
+    Not settings: vocab_size (the data says it) and the fields in `set_by_script` (a width the
+    script sweeps, say)."""
+    from model import GPTConfig
+    settings = {f.name: f.default for f in fields(GPTConfig)
+                if f.name != 'vocab_size' and f.name not in set_by_script}
+    unknown = set(defaults) - set(settings)
+    if unknown:
+        raise TypeError(f"model_settings: {sorted(unknown)} are not GPTConfig settings")
+    return {**settings, **defaults}
+
+
+def model_config(config, **changes):
+    """The GPTConfig of a script's settings (config: what configure() returned), with `changes`
+    on top (vocab_size, a width the script sweeps); a setting GPTConfig rejects is a UserError."""
+    from model import GPTConfig
+    args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}
+    try:
+        return GPTConfig(**{**args, **changes})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def resolve_device(device):

@@ -37,10 +37,12 @@ import functools
 import math
 import os
 import sys
+from dataclasses import fields
 
 import numpy as np
 import torch
 
+from configurator import model_settings
 from data import get_batch, read_meta
 from model import GPT, GPTConfig, MuPFlexAttention, load_attn_cls, set_lr
 
@@ -49,7 +51,7 @@ _DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
 _RANDOM_VOCAB = 65 # shakespeare_char's vocabulary size, so both data sources build the same model
 
 # -----------------------------------------------------------------------------
-# default config values, every one overridable with --key=value
+# ---- default config values, every one overridable with --key=value
 # Widths start one doubling above the base: at the base width itself (64) finite-width effects
 # put the MLP outputs' mean|h| 30-50% above their flat value at 128..1024 and tilt the slope.
 widths = [128, 256, 512, 1024]
@@ -60,22 +62,14 @@ steps = 4 # Adam steps; statistics are recorded at t = 0 .. steps (t = updates d
 lr = 3e-3
 param = 'both' # 'sp' | 'mup' | 'both'
 heads = 'fixed' # 'fixed': n_head fixed, head_dim grows (nanoGPT's --n_embd habit); 'grow': head_dim fixed, n_head grows
-n_layer = 2
-n_head = 4 # used when heads='fixed'
 head_dim = 16 # used when heads='grow' (becomes mup_base_head_dim under muP)
 base_width = 64 # mup_base_width of the muP models
-init_std = 0.02 # the models' init_std (a muTransfer hyperparameter)
-attn_cls = '' # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
-# the block (model.GPTConfig): GPT-2's by default
-pos_emb = 'learned'
-norm = 'layernorm'
-norm_gain = True
-qk_norm = False
-mlp = 'gelu'
-n_kv_head = 0 # 0 = n_head; with heads='grow' a fixed number of key/value heads (K and V are muP output weights)
-tie_weights = True
+# ---- the model: every field of model.GPTConfig is a setting (--help says what each means), but
+# those the check sets itself: n_embd (the widths), mup_base_width (base_width) and
+# mup_base_head_dim (head_dim, with heads='grow'); n_head is used when heads='fixed'
+globals().update(model_settings('n_embd', 'mup_base_width', 'mup_base_head_dim', n_layer=2, n_head=4,
+                                block_size=64, bias=False))
 batch_size = 16
-block_size = 64
 seed = 1337
 out = 'coord_check' # writes assets/<out>.png and results/<out>.csv
 # the depth check (when depths are given): muP models of width depth_width, base depth base_depth
@@ -106,16 +100,17 @@ def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, b
     muP relative to base_width. heads='fixed' keeps n_head; heads='grow' keeps head_dim and
     tells muP the base model's head dim (mup_base_head_dim). attn_cls: the attention class (a
     MuPFlexAttention subclass). model_args: other GPTConfig fields (init_std, the depth scaling's
-    mup_base_depth and mup_depth_alpha, ...)."""
+    mup_base_depth and mup_depth_alpha, bias and dropout, which are off unless given, ...)."""
     if param not in ('sp', 'mup'):
         raise ValueError(f"param={param!r}: use 'sp' or 'mup'")
     if heads not in ('fixed', 'grow'):
         raise ValueError(f"heads={heads!r}: use 'fixed' (n_head fixed) or 'grow' (head_dim fixed)")
     mup = param == 'mup'
-    config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
+    config = GPTConfig(**{**dict(dropout=0.0, bias=False), **model_args}, block_size=block_size,
+                       vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head if heads == 'fixed' else width // head_dim, n_embd=width,
-                       dropout=0.0, bias=False, mup_base_width=base_width if mup else 0,
-                       mup_base_head_dim=head_dim if mup and heads == 'grow' else 0, **model_args)
+                       mup_base_width=base_width if mup else 0,
+                       mup_base_head_dim=head_dim if mup and heads == 'grow' else 0)
     torch.manual_seed(seed)
     return GPT(config, attn_cls)
 
@@ -295,18 +290,20 @@ if __name__ == '__main__':
 
     from configurator import configure
     from errors import UserError
-    globals_defaults = dict(globals())
-    configure(globals(), sys.argv[1:])
+    defaults = dict(globals())
+    config = configure(globals(), sys.argv[1:])
     if param not in ('sp', 'mup', 'both'):
         raise UserError(f"param={param!r}: use 'sp', 'mup' or 'both'")
     try:
         attention = load_attn_cls(attn_cls)
     except ValueError as e:
         raise UserError(str(e)) from None
-    block = dict(init_std=init_std, pos_emb=pos_emb, norm=norm, norm_gain=norm_gain, qk_norm=qk_norm, mlp=mlp,
-                 n_kv_head=n_kv_head, tie_weights=tie_weights)
+    # the model settings build_model does not take as arguments of its own
+    block = {f.name: config[f.name] for f in fields(GPTConfig)
+             if f.name in config and f.name not in ('n_layer', 'n_head', 'block_size', 'attn_cls')}
     try: # the smallest model, to check the settings before any run
-        build_model(min(widths), 'mup', heads, n_layer, n_head, head_dim, base_width, attn_cls=attention, **block)
+        build_model(min(widths), 'mup', heads, n_layer, n_head, head_dim, base_width, attn_cls=attention,
+                    block_size=block_size, **block)
     except ValueError as e:
         raise UserError(str(e)) from None
     if depths and attn_cls:
@@ -329,7 +326,7 @@ if __name__ == '__main__':
                 all_results[p] = run_widths(widths, p, heads, steps, lr, seed, (x, y, vocab_size), n_layer,
                                             n_head, head_dim, base_width, progress=bar, attn_cls=attention,
                                             model_args=block)
-    changed = {k: v for k, v in block.items() if v != globals_defaults[k]}
+    changed = {k: v for k, v in block.items() if v != defaults[k]}
     print(f"data: {source}; batch {batch_size}x{block_size}; {layout}; Adam lr {lr:g}, {steps} steps; "
           f"muP base width {base_width}; attention {attention.__name__}; block {changed or 'GPT-2'}")
     print_slopes(all_results, steps, axis)

@@ -17,6 +17,7 @@ counterpart (an attention mod, a subclass, an MLP or norm the target lacks) is a
 names it: never an export that computes something else. transformers is imported here only.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -76,23 +77,30 @@ def load_gpt2(source):
     return settings, state
 
 
+# settings that leave the function GPT-2's weights compute as it is (dropout, a kernel, a training
+# rule, a setting another one switches off), or that a fine-tune may change on purpose (attn_mod)
+GPT2_FREE = ('block_size', 'dropout', 'attn_backend', 'attn_mod', 'init_std', 'mup_scale_weight_decay',
+             'mup_hidden_lr_exponent', 'mup_depth_alpha', 'rope_base')
+
+
 def check_gpt2_settings(config):
     """A model GPT-2's weights compute GPT-2's function in: SP, or muP at its own width as the base
-    (the same model), with GPT-2's block and neutral multipliers; else a ValueError naming what differs."""
+    (the same model), with every other setting but GPT2_FREE and the architecture (load_gpt2's) at
+    its default, GPT-2's block; else a ValueError naming what differs."""
     if config.mup_base_width not in (0, config.n_embd) or config.mup_base_head_dim not in (0, config.head_dim):
         raise ValueError(f"mup_base_width={config.mup_base_width}: GPT-2's weights make an SP model, or muP with "
                          f"its own width as the base (mup_base_width={config.n_embd}), which is the same model")
     if config.mup_base_depth not in (0, config.n_layer):
         raise ValueError(f"mup_base_depth={config.mup_base_depth}: GPT-2's weights are a {config.n_layer}-layer "
                          f"model; leave mup_base_depth=0")
-    for key in ('mup_input_mult', 'mup_output_mult', 'mup_attn_mult'):
-        if getattr(config, key) != 1.0:
-            raise ValueError(f"{key}={getattr(config, key)}: GPT-2's weights compute GPT-2 only at 1.0")
-    for key, gpt2 in (('pos_emb', 'learned'), ('norm', 'layernorm'), ('norm_gain', True), ('qk_norm', False),
-                      ('n_kv_head', 0), ('attn_cls', '')):
-        if getattr(config, key) != gpt2:
-            raise ValueError(f"{key}={getattr(config, key)!r}: GPT-2's weights are for GPT-2's block "
-                             f"({key}={gpt2!r})")
+    architecture = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'mlp', 'tie_weights')
+    checked = ('mup_base_width', 'mup_base_head_dim', 'mup_base_depth')
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.name in (*GPT2_FREE, *architecture, *checked) or value == field.default:
+            continue
+        raise ValueError(f"{field.name}={value!r}: GPT-2's weights are for GPT-2's block with muP's neutral "
+                         f"multipliers ({field.name}={field.default!r})")
 
 
 # -----------------------------------------------------------------------------

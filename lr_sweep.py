@@ -23,7 +23,7 @@ import sys
 from sweep_runner import DEPTH_VARIANTS, REFERENCE, Runner, depth_setting, setting
 
 # -----------------------------------------------------------------------------
-# default config values, every one overridable with --key=value
+# ---- default config values, every one overridable with --key=value
 widths = [64, 128, 256, 512]
 depths = [] # e.g. 2,4,8,16: sweep across these depths at the base width instead, n_layer the base depth
 log2_lrs = [-12, -11, -10, -9, -8, -7, -6] # the x2 grid: learning_rate = 2**k
@@ -114,7 +114,8 @@ def report_sweep(table, axis, sizes, log2_lrs, it):
 if __name__ == '__main__':
     from configurator import configure
     from errors import UserError
-    config = configure(globals(), sys.argv[1:])
+    import sweep_runner
+    config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
     if depths:

@@ -44,22 +44,23 @@ MLPS = ('gelu', 'gelu_tanh', 'relu2', 'swiglu')
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
+    # Every field is a setting of train.py and the study scripts (configurator.model_settings),
+    # and its comment here is its --help.
+    block_size: int = 1024 # the longest sequence: the context, and wpe's number of positions
     vocab_size: int = 50304 # GPT-2's 50257, padded up to a multiple of 64 for efficiency
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
+    n_layer: int = 12 # transformer blocks
+    n_head: int = 12 # attention heads (query heads, with n_kv_head)
+    n_embd: int = 768 # the width: the residual stream's size
+    dropout: float = 0.0 # of the embeddings, the attention probabilities and each branch's output
     bias: bool = True # biases in Linears and LayerNorms, like GPT-2; False: a bit better and faster
     # muP (docs/mup.md): 0 = SP; otherwise the width the hyperparameters were tuned at
     mup_base_width: int = 0
     # the base model's head dim; 0 = mup_base_width // n_head (widening keeps n_head, as nanoGPT)
     mup_base_head_dim: int = 0
-    # muTransfer hyperparameters: tuned at the base width, kept when widening
-    init_std: float = 0.02
-    mup_input_mult: float = 1.0
-    mup_output_mult: float = 1.0
-    mup_attn_mult: float = 1.0
+    init_std: float = 0.02 # the init std at the base width (muTransfer: tuned there, kept when widening)
+    mup_input_mult: float = 1.0 # the embeddings' output x this (muTransfer, tuned at the base width)
+    mup_output_mult: float = 1.0 # the logits x this / m (muTransfer, tuned at the base width)
+    mup_attn_mult: float = 1.0 # the attention logits x this (muTransfer, tuned at the base width)
     # hidden weight decay x m, so that lr * wd does not change with width
     mup_scale_weight_decay: bool = True
     # hidden lr / m**exponent: 1 is muP; other values only for the finite-width study
@@ -69,7 +70,7 @@ class GPTConfig:
     # residual branches x (n_layer / mup_base_depth)^-alpha: 1 = CompleteP, 0.5 = depth-muP
     mup_depth_alpha: float = 1.0
     tie_weights: bool = True # lm_head shares wte; untied, the readout starts at zero
-    # the block: GPT-2's by default; each modern option is one setting, any combination works
+    # ---- the block: GPT-2's by default; each modern option is one setting, any combination works
     pos_emb: str = 'learned' # 'learned' (wpe) or 'rope' (rotary position embeddings, no wpe)
     rope_base: float = 10000.0 # RoPE's base: the angle of position p in pair i is p * base^(-2i/d)
     norm: str = 'layernorm' # 'layernorm' or 'rmsnorm'
@@ -79,7 +80,9 @@ class GPTConfig:
     # n_embd: gelu's parameters)
     mlp: str = 'gelu'
     n_kv_head: int = 0 # key/value heads: 0 = n_head; fewer is grouped-query attention, 1 multi-query
-    attn_mod: str = 'causal' # an ATTN_MODS string, or a comma-separated list cycled over the layers
+    # an ATTN_MODS string ('causal', 'sliding_window:128', 'alibi', ...), or a comma-separated
+    # list cycled over the layers
+    attn_mod: str = 'causal'
     attn_backend: str = 'auto' # 'auto' | 'sdpa' | 'flex' | 'dense'
     # the attention class: '' = MuPFlexAttention, or 'path/to/file.py:ClassName' | 'module:ClassName'
     attn_cls: str = ''
@@ -132,7 +135,7 @@ class GPTConfig:
                              f"{', '.join(map(repr, ATTN_BACKENDS))}")
         for spec in self.attn_mod.split(','):
             parse_attn_mod(spec)
-        load_attn_cls(self.attn_cls) # a ValueError that names what is wrong with it
+        check_attn_cls(self.attn_cls) # its form and its file; GPT imports it
 
     @property
     def head_dim(self):
@@ -545,14 +548,12 @@ class Readout(nn.Linear):
         return super().forward(x) * (self.output_mult / self.width_mult)
 
 
-def load_attn_cls(spec):
-    """The attention class that a setting names: 'path/to/file.py:ClassName' (a path relative to
-    the working directory, or absolute) or 'module:ClassName' (importable, e.g.
-    'graph_attention:GraphAttention'); '' is MuPFlexAttention. A file is imported once per
-    absolute path. A ValueError names what is wrong: the spec's form, a missing file, a failed
-    import, a missing class, or a class that is not a MuPFlexAttention subclass."""
+def check_attn_cls(spec):
+    """(where, class name) of an attn_cls setting other than '': 'path/to/file.py:ClassName' (a
+    path relative to the working directory, or absolute; the file must exist) or
+    'module:ClassName'. A ValueError names what is wrong with its form. Nothing is imported."""
     if not spec:
-        return MuPFlexAttention
+        return None
     where, _, class_name = spec.rpartition(':')
     if not where or not class_name.isidentifier():
         raise ValueError(f"attn_cls={spec!r}: write 'path/to/file.py:ClassName' or "
@@ -560,6 +561,17 @@ def load_attn_cls(spec):
     if where.endswith('.py') and not os.path.isfile(where):
         raise ValueError(f"attn_cls={spec!r}: {where} not found (from {os.getcwd()}); give its "
                          f"path from the working directory, or an absolute one")
+    return where, class_name
+
+
+def load_attn_cls(spec):
+    """The attention class that an attn_cls setting names (check_attn_cls); '' is
+    MuPFlexAttention. A file is imported once per absolute path. A ValueError names what is
+    wrong: the spec's form, a missing file, a failed import, a missing class, or a class that is
+    not a MuPFlexAttention subclass."""
+    if not spec:
+        return MuPFlexAttention
+    where, class_name = check_attn_cls(spec)
     try:
         module = import_module_or_file(os.path.abspath(where) if where.endswith('.py') else where)
     except Exception as e: # the user's file, not our code: name it and what it raised

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sweep_runner import DEPTH_VARIANTS, NEUTRAL, REFERENCE, Runner, depth_setting, setting
 
 # -----------------------------------------------------------------------------
-# default config values, every one overridable with --key=value
+# ---- default config values, every one overridable with --key=value
 study = 'tune' # 'tune', 'joint' or 'causes': one study per run
 widths = [64, 128, 256, 512] # tune and causes (causes compares at the widest)
 horizons = [150, 1000] # tune and joint: the max_iters at which to tune muP and search SP's lr
@@ -244,7 +244,8 @@ def report_causes(results, wide, it):
 if __name__ == '__main__':
     from configurator import configure
     from errors import UserError
-    config = configure(globals(), sys.argv[1:])
+    import sweep_runner
+    config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
     if study not in _STUDIES:

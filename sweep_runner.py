@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from configurator import model_settings
 from errors import UserError
 from model import load_attn_cls
 
@@ -35,49 +36,34 @@ _TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 # changes it (2 layers, 4 heads, batch 16x64, warmup 10, cosine decay to lr/10, clip 1.0, no
 # weight decay; the score is the final val loss). Each tool takes every key as --key=value.
 REFERENCE = dict(
-    dataset='shakespeare_char',
+    dataset='shakespeare_char', # train.py's data/<dataset>
     base_width=64, # mup_base_width of the muP runs
-    n_layer=2,
-    n_head=4,
-    batch_size=16,
-    block_size=64,
-    warmup_iters=10,
-    grad_clip=1.0,
-    weight_decay=0.0,
-    mup_scale_weight_decay=True,
-    adam_eps=1e-8,
-    mup_hidden_lr_exponent=1.0, # 1 is muP; mup_payoff.py --study=causes tries another
+    batch_size=16, # sequences per step
+    warmup_iters=10, # linear warmup, then a cosine to lr/10 at max_iters
+    grad_clip=1.0, # clip gradients at this norm (0: no clipping)
+    weight_decay=0.0, # AdamW's; muP scales the hidden matrices' by m
+    adam_eps=1e-8, # AdamW's epsilon
     eval_iters=20, # val batches for the final loss; the same batches for every run, so comparisons are paired
     # 'adamw', or 'muon': Muon for the hidden matrices (at the base lr x muon_lr_mult), AdamW for the rest
     optimizer='adamw',
-    muon_lr_mult=1.0,
-    muon_momentum=0.95,
-    attn_cls='', # your attention class for every run: 'path/to/file.py:ClassName' or 'module:ClassName'
-    # the block (model.GPTConfig): GPT-2's by default
-    pos_emb='learned',
-    norm='layernorm',
-    norm_gain=True,
-    qk_norm=False,
-    mlp='gelu',
-    n_kv_head=0,
-    tie_weights=True,
-    dropout=0.0,
+    muon_lr_mult=1.0, # the Muon group's lr is the lr x muon_lr_mult
+    muon_momentum=0.95, # Muon's momentum
+    # the model: every GPTConfig field (train.py's defaults, but 2 layers of 4 heads and 64 tokens),
+    # but the width and base width each run sets (width, base_width)
+    **model_settings('n_embd', 'mup_base_width', n_layer=2, n_head=4, block_size=64, bias=False),
 )
-NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02) # train.py's defaults
-MUP_HPARAMS = ('log2_lr', *NEUTRAL) # the muTransfer hyperparameters of every run (Muon's lr multiplier aside)
+# the muTransfer hyperparameters of every run (Muon's lr multiplier aside), and their neutral
+# values, where mup_payoff.py's search starts
+NEUTRAL = dict(mup_output_mult=1.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02)
+MUP_HPARAMS = ('log2_lr', *NEUTRAL)
 
-# A run's cache key: these settings, and each _LATER setting away from its default. Keys are
-# recomputed from the records when a file is read, so removing a setting here merges runs that
-# differ in it, and a new one needs a default in _LATER (records made before it lack it).
+# A run's cache key: these settings, and each other REFERENCE setting away from its default.
+# Keys are recomputed from the records when a file is read, so a setting added to REFERENCE
+# (a GPTConfig field, say) leaves the recorded runs valid: they ran at its default.
 _KEYED = ('adam_eps', 'base_width', 'batch_size', 'block_size', 'dataset', 'eval_iters', 'grad_clip',
           'mup_hidden_lr_exponent', 'mup_scale_weight_decay', 'n_head', 'n_layer', 'warmup_iters', 'weight_decay',
           'param', 'width', 'seed', 'max_iters', *MUP_HPARAMS, 'device')
 _MUP_ONLY = ('base_width', 'mup_scale_weight_decay', 'mup_hidden_lr_exponent') # an SP run ignores them
-# settings that came after runs were recorded: at these values a run keeps the key it had before
-# they existed, so the recorded studies stay valid
-_LATER = dict(mup_base_depth=0, mup_depth_alpha=1.0, optimizer='adamw', muon_lr_mult=1.0, muon_momentum=0.95,
-              attn_cls='', pos_emb='learned', norm='layernorm', norm_gain=True, qk_norm=False, mlp='gelu',
-              n_kv_head=0, tie_weights=True, dropout=0.0)
 _STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
 
 
@@ -86,8 +72,10 @@ def run_key(run):
     fields = {k: run[k] for k in _KEYED}
     if run['param'] == 'sp': # one SP run serves every muP-only variant (e.g. each base width of --study=causes)
         fields.update(dict.fromkeys(_MUP_ONLY))
-    for k, default in _LATER.items(): # without depth scaling alpha means nothing
-        if run.get(k, default) != default and (k != 'mup_depth_alpha' or run.get('mup_base_depth')):
+    for k, default in REFERENCE.items(): # without depth scaling alpha means nothing
+        if k in _KEYED or (k == 'mup_depth_alpha' and not run.get('mup_base_depth')):
+            continue
+        if run.get(k, default) != default:
             fields[k] = run[k]
     return json.dumps(fields)
 
@@ -98,16 +86,10 @@ def train(run, threads):
     it = run['max_iters']
     lr = 2.0 ** run['log2_lr']
     base_width = run['base_width'] if run['param'] == 'mup' else 0 # 0: SP
-    args = dict(device=run['device'], dataset=run['dataset'], compile=False, n_layer=run['n_layer'],
-                n_head=run['n_head'], n_embd=run['width'], mup_base_width=base_width,
-                batch_size=run['batch_size'], block_size=run['block_size'],
-                learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, warmup_iters=run['warmup_iters'],
-                grad_clip=run['grad_clip'], weight_decay=run['weight_decay'], adam_eps=run['adam_eps'],
-                mup_scale_weight_decay=run['mup_scale_weight_decay'],
-                mup_hidden_lr_exponent=run['mup_hidden_lr_exponent'], eval_interval=it,
-                **{k: run.get(k, default) for k, default in _LATER.items()},
-                eval_iters=run['eval_iters'], log_interval=it, seed=run['seed'], always_save_checkpoint=False,
-                **{k: run[k] for k in MUP_HPARAMS[1:]})
+    args = {k: run[k] for k in REFERENCE if k != 'base_width'} # train.py's settings, the model's among them
+    args.update(device=run['device'], compile=False, n_embd=run['width'], mup_base_width=base_width,
+                learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, eval_interval=it,
+                log_interval=it, seed=run['seed'], always_save_checkpoint=False)
     out_dir = tempfile.mkdtemp(prefix='sweep_run_') # train.py saves a checkpoint whenever val improves
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.time()
@@ -132,9 +114,8 @@ def val(record):
 
 def setting(param, width, log2_lr, it, **changes):
     """A run but its seed: SP or muP ('sp', 'mup') at this width, lr 2**log2_lr, `it` steps, and
-    the neutral multipliers and init std unless `changes` say otherwise (they may change any
-    setting the runs share, too)."""
-    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **{**NEUTRAL, **changes})
+    `changes` to the settings the runs share (the multipliers and init std, say)."""
+    return dict(param=param, width=width, max_iters=it, log2_lr=log2_lr, **changes)
 
 
 # the depth scaling of each variant of a depth study, relative to a base depth

@@ -40,18 +40,19 @@ import torch
 import checkpoints
 import distributed
 import hf
-from configurator import DTYPES, autocast, configure, require, resolve_device, resolve_dtype
+from configurator import DTYPES, autocast, configure, model_settings, require, resolve_device, resolve_dtype
 from data import check_token_files, get_batch, read_meta
 from errors import UserError
 from model import GPT, GPTConfig, device_peak_flops, set_lr
 
 # -----------------------------------------------------------------------------
-# default config values, every one overridable by a config file or --key=value
-# I/O
-out_dir = 'out'
-eval_interval = 250
-log_interval = 10
-eval_iters = 200
+# default config values, every one overridable by a config file or --key=value; `python train.py
+# --help` lists them with what each means
+# ---- I/O
+out_dir = 'out' # checkpoints go to out_dir/ckpt.pt
+eval_interval = 250 # evaluate the train and val loss (and save) every eval_interval iterations
+log_interval = 10 # print the loss every log_interval iterations
+eval_iters = 200 # batches per loss estimate
 eval_only = False # if True, script exits right after the first eval
 always_save_checkpoint = True # if True, always save a checkpoint after each eval
 keep_last_n = 0 # > 0: also keep the last n checkpoints as ckpt_<iter>.pt
@@ -59,69 +60,43 @@ keep_last_n = 0 # > 0: also keep the last n checkpoints as ckpt_<iter>.pt
 # 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local transformers GPT-2 directory (hf.py)
 init_from = 'scratch'
 skip_nonfinite = False # a non-finite loss or gradient: False stops the run, True skips the step
-# wandb logging
-wandb_log = False
-wandb_project = 'mupgpt'
-wandb_run_name = 'run'
-# data
-dataset = 'shakespeare_char'
+# ---- wandb logging
+wandb_log = False # log to Weights & Biases
+wandb_project = 'mupgpt' # the wandb project
+wandb_run_name = 'run' # the run's name in it
+# ---- data
+dataset = 'shakespeare_char' # data/<dataset>/{train,val}.bin, from data/<dataset>/prepare.py
 gradient_accumulation_steps = 1 # micro-batches of the global batch, split over the processes
 batch_size = 12 # micro-batch size
-# model: every field of model.GPTConfig but vocab_size (the dataset's), documented there
-n_layer = 6
-n_head = 6
-n_embd = 384
-block_size = 256
-dropout = 0.0 # for pretraining 0 is good, for finetuning try 0.1+
-bias = False # do we use bias inside LayerNorm and Linear layers?
-tie_weights = True
-attn_mod = 'causal'
-attn_backend = 'auto'
-attn_cls = '' # your attention class: 'path/to/file.py:ClassName' or 'module:ClassName'
-# the block: GPT-2's by default; the modern options in any combination
-pos_emb = 'learned' # or 'rope'
-rope_base = 10000.0
-norm = 'layernorm' # or 'rmsnorm'
-norm_gain = True
-qk_norm = False
-mlp = 'gelu' # or 'relu2', 'swiglu'
-n_kv_head = 0 # 0 = n_head; fewer: grouped-query attention
-# muP (docs/mup.md): mup_base_width = 0 is SP
-mup_base_width = 0
-mup_base_head_dim = 0
-init_std = 0.02
-mup_input_mult = 1.0
-mup_output_mult = 1.0
-mup_attn_mult = 1.0
-mup_scale_weight_decay = True
-mup_hidden_lr_exponent = 1.0
-mup_base_depth = 0
-mup_depth_alpha = 1.0
-# optimizer: 'adamw', or 'muon' (muon.py's Muon for the hidden matrices, AdamW for the rest)
-optimizer = 'adamw'
+# ---- model: every field of model.GPTConfig is a setting, at its default there but for these (its
+# comment there is its --help); vocab_size is the dataset's
+globals().update(model_settings(n_layer=6, n_head=6, n_embd=384, block_size=256, bias=False))
+# ---- optimizer
+optimizer = 'adamw' # 'adamw', or 'muon' (muon.py's Muon for the hidden matrices, AdamW for the rest)
 muon_lr_mult = 1.0 # the Muon group's lr is learning_rate x muon_lr_mult (muTransferable)
-muon_momentum = 0.95
+muon_momentum = 0.95 # Muon's momentum (its beta)
 learning_rate = 1e-3 # max learning rate; each muP group scales it by its lr_scale
 max_iters = 5000 # total number of training iterations
-weight_decay = 1e-1
-beta1 = 0.9
-beta2 = 0.99
-adam_eps = 1e-8
+weight_decay = 1e-1 # AdamW's (decoupled); muP scales the hidden matrices' by m (mup_scale_weight_decay)
+beta1 = 0.9 # AdamW's first-moment decay
+beta2 = 0.99 # AdamW's second-moment decay
+adam_eps = 1e-8 # AdamW's epsilon; CompleteP scales it per group
 grad_clip = 1.0 # clip gradients at this value, or disable if == 0.0
-# learning rate decay settings
+# ---- learning rate decay settings
 decay_lr = True # whether to decay the learning rate
 warmup_iters = 100 # how many steps to warm up for
 lr_decay_iters = 5000 # should be ~= max_iters per Chinchilla
 min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
-# FSDP2 (under torchrun): shard parameters, gradients and optimizer state over the processes
-# instead of replicating them as DDP does; for models whose training state outgrows one device
+# ---- FSDP2
+# under torchrun: shard parameters, gradients and optimizer state over the processes instead of
+# replicating them as DDP does; for models whose training state outgrows one device
 fsdp = False
-# system
+# ---- system
 device = 'auto' # 'auto' (cuda > mps > cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 # 'auto': bfloat16 where the GPU supports it, else float16 on CUDA; float32 off CUDA
 dtype = 'auto'
 compile = True # use PyTorch 2.0 to compile the model to be faster
-seed = 1337
+seed = 1337 # of the init, the batches and dropout
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
 # -----------------------------------------------------------------------------

@@ -159,9 +159,8 @@ def test_checkpoint_is_loaded_with_a_backend_that_captures(tmp_path):
 
 
 def test_ckpt_refuses_training_settings():
-    config = dict(steps=500, batch_size=32, mup_base_width=0, attn_mod='alibi', attn_cls='', device='cpu',
-                  out='unused', ckpt='some_out_dir', pos_emb='learned', norm='layernorm', qk_norm=False, mlp='gelu',
-                  n_kv_head=0)
+    config = dict(aj._TRAINING_DEFAULTS, batch_size=32, attn_mod='alibi', device='cpu', out='unused',
+                  ckpt='some_out_dir')
     with pytest.raises(ValueError, match='drop --attn_mod'):
         aj.main(config)
 

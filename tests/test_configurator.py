@@ -1,4 +1,7 @@
 import math
+import re
+import runpy
+import sys
 import types
 
 import pytest
@@ -239,11 +242,36 @@ def test_help_lists_keys_and_exits_zero(flag, capsys):
         run('--batch_size=4', flag)
     assert e.value.code == 0
     printed = capsys.readouterr().out
-    assert "--batch_size=12  # int\n" in printed  # the defaults, not the overrides
-    assert "--device='cuda'  # str\n" in printed
-    assert "--compile=True  # bool" in printed
-    assert "--widths=(64, 128)  # tuple of int" in printed
+    assert re.search(r"--batch_size=12 +int\n", printed)  # the defaults, not the overrides
+    assert re.search(r"--device='cuda' +str\n", printed)
+    assert re.search(r"--compile=True +bool", printed)
+    assert re.search(r"--widths=\(64, 128\) +tuple of int", printed)
     assert 'math' not in printed and '_private' not in printed
+
+
+def test_help_says_what_each_setting_means(tmp_path, monkeypatch, capsys):
+    """A setting's --help is its comment: at the end of its line, or the lines just above it (not
+    a section's heading); a model setting's is its comment in model.GPTConfig."""
+    script = write(tmp_path, "import sys\n"
+                             "from configurator import configure, model_settings\n"
+                             "# ---- a section\n"
+                             "steps = 10 # how many steps\n"
+                             "# the grid of\n"
+                             "# learning rates\n"
+                             "lrs = [1, 2]\n"
+                             "globals().update(model_settings(n_layer=2))\n"
+                             "configure(globals(), sys.argv[1:])\n"
+                             "steps = 3 # a later assignment, not the setting\n", name='script.py')
+    monkeypatch.setattr(sys, 'argv', [script, '--help'])
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)
+    with pytest.raises(SystemExit):
+        runpy.run_path(script, run_name='__main__')
+    lines = {line.split()[0].split('=')[0]: line for line in capsys.readouterr().out.splitlines()
+             if line.startswith('  --')}
+    assert lines['--steps'].endswith('int; how many steps')
+    assert lines['--lrs'].endswith('list of int (e.g. 1,2,3 or [1,2,3]); the grid of learning rates')
+    assert lines['--n_layer'].endswith('int; transformer blocks') and '--n_layer=2' in lines['--n_layer']
+    assert '--vocab_size' not in lines # never a setting: the data's and 'a section' not in ''.join(lines.values())
 
 
 def test_script_style_usage():

@@ -1,11 +1,15 @@
 """End to end: prepare a tiny dataset, train (SP and muP), resume, sample — through the real
 scripts, as a user runs them."""
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN as TINY_MODEL, ok, run_script, stops_with
+from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN as TINY_MODEL, ok, run_script, stops_with
 
 
 def run(script, *args, cwd):
@@ -73,11 +77,36 @@ def test_help_lists_every_model_setting_once_and_nothing_internal(tmp_path):
     assert not [k for k in keys if 'keys' in k or k.startswith('_')]
     # nanoGPT's model size and dropout/bias are train.py's own defaults; every other model setting
     # starts where GPTConfig does
-    defaults = dict(re.findall(r'^  --(\w+)=(.*?)  #', out, flags=re.M))
+    defaults = dict(re.findall(r'^  --(\w+)=(\S+)', out, flags=re.M))
     own = {'n_layer', 'n_head', 'n_embd', 'block_size', 'dropout', 'bias'}
     for field in fields(GPTConfig):
         if field.name not in own | {'vocab_size'}:
             assert defaults[field.name] == repr(field.default), field.name
+
+
+def test_a_field_added_to_gptconfig_is_a_flag_of_every_script(tmp_path):
+    """One definition: a field added to GPTConfig (in a copy of the project) is a --flag of every
+    script that builds models, its comment its --help, with no other edit; and its value reaches
+    the model (a GPTConfig that rejects any other value stops the script with that line)."""
+    for entry in os.listdir(ROOT):
+        if entry.endswith('.py'):
+            shutil.copy(os.path.join(ROOT, entry), tmp_path / entry)
+    model_py = (tmp_path / 'model.py').read_text()
+    model_py = model_py.replace("    attn_cls: str = ''\n", "    attn_cls: str = ''\n    probe: int = 7 # a field added in a test\n", 1)
+    model_py = model_py.replace("    def __post_init__(self):\n", "    def __post_init__(self):\n        if self.probe != 7:\n"
+                                "            raise ValueError(f'probe={self.probe} reached the model')\n", 1)
+    (tmp_path / 'model.py').write_text(model_py)
+    script = lambda name, *args: subprocess.run([sys.executable, str(tmp_path / name), *args], cwd=tmp_path,
+                                                capture_output=True, text=True, env=SCRIPT_ENV, timeout=120)
+    for name in ('train.py', 'coord_check.py', 'lr_sweep.py', 'mup_payoff.py', 'analyze_jacobian.py', 'bench.py'):
+        out = ok(script(name, '--help'))
+        assert re.search(r'^  --probe=7 +int; a field added in a test$', out, flags=re.M), (name, out[-3000:])
+    for name, args in (('train.py', ['--device=cpu']), ('coord_check.py', []), ('bench.py', ['--modes=train'])):
+        proc = script(name, '--probe=8', *args)
+        assert proc.returncode != 0 and 'error: probe=8 reached the model' in proc.stderr, (name, proc.stderr[-2000:])
+    import_sweep = subprocess.run([sys.executable, '-c', 'import sweep_runner as s; print(s.REFERENCE["probe"])'],
+                                  cwd=tmp_path, capture_output=True, text=True, env=SCRIPT_ENV)
+    assert ok(import_sweep).strip() == '7' # every run passes it to train.py, and its cache key has it off 7
 
 
 def readme_attention_example():
