@@ -26,7 +26,8 @@ $ python coord_check.py --depths=2,4,8,16 --out=coord_check_depth   # depth: non
 $ python coord_check.py --attn_cls=gated_attention.py:HeadwiseGate --widths=64,128,256,512  # your class
 $ python coord_check.py --pos_emb=rope --qk_norm=True --norm=rmsnorm --mlp=relu2 --n_kv_head=2   # a modern block
 
-Writes assets/<out>.png and results/<out>.csv, prints a table of log2-log2 slopes vs width (or
+Writes <out_dir>/assets/<out>.png and <out_dir>/results/<out>.csv (out_dir: a new directory unless
+--out_dir=. updates the repository's committed ones), prints a table of log2-log2 slopes vs width (or
 depth), one row per module, and the worst module by name. The functions (fixed_batch, build_model, measure, run_widths, run_depths, slopes) are
 what tests/test_mup.py and tests/test_depth.py use, so the tests and the figures are one
 implementation.
@@ -71,7 +72,8 @@ globals().update(model_settings('n_embd', 'mup_base_width', 'mup_base_head_dim',
                                 block_size=64, bias=False))
 batch_size = 16
 seed = 1337
-out = 'coord_check' # writes assets/<out>.png and results/<out>.csv
+out_dir = 'out-studies' # where results/ and assets/ go: --out_dir=. updates the repository's committed files
+out = 'coord_check' # writes <out_dir>/assets/<out>.png and <out_dir>/results/<out>.csv
 # the depth check (when depths are given): muP models of width depth_width, base depth base_depth
 depths = [] # e.g. 2,4,8,16
 depth_width = 128
@@ -331,8 +333,8 @@ if __name__ == '__main__':
           f"muP base width {base_width}; attention {attention.__name__}; block {changed or 'GPT-2'}")
     print_slopes(all_results, steps, axis)
     for d in ('assets', 'results'):
-        os.makedirs(os.path.join(_HERE, d), exist_ok=True)
-    png, csv_path = os.path.join(_HERE, 'assets', f'{out}.png'), os.path.join(_HERE, 'results', f'{out}.csv')
+        os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+    png, csv_path = os.path.join(out_dir, 'assets', f'{out}.png'), os.path.join(out_dir, 'results', f'{out}.csv')
     model = f"{n_layer}-layer GPT, {layout}" if axis == 'width' else f"μP GPT, {layout}"
     plot(all_results, png, f"coord check vs {axis}: {model}, Adam lr {lr:g}, data: {source.split(' (')[0]}", axis)
     write_csv(all_results, csv_path, layout if axis == 'depth' else heads, axis)

@@ -3,7 +3,8 @@ The learning-rate sweep (docs/mup.md invariant 6): where does the best lr go as 
 The final val loss over a x2 lr grid at several widths, SP and muP, as in the muP paper's Figure 1;
 with --depths, across depths at the base width instead, for three depth scalings (none,
 depth-muP, CompleteP). The setup is docs/mup-study.md's reference (sweep_runner.REFERENCE), 150
-steps. Writes assets/<out>.png and records every run in results/<out>.json.
+steps. Writes <out_dir>/assets/<out>.png and records every run in <out_dir>/results/<out>.json
+(out_dir: a new directory unless --out_dir=. updates the repository's committed files).
 
 $ python lr_sweep.py                                    # the default grid: 56 runs, 19 min on 2 cores
 $ python lr_sweep.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,-9,-8,-7,-6 --device=cuda --jobs=8
@@ -12,8 +13,8 @@ $ python lr_sweep.py --depths=2,4,8,16 --out=lr_transfer_depth   # lr across dep
 $ python lr_sweep.py --optimizer=muon --muon_lr_mult=4 --out=lr_transfer_muon   # Muon for the hidden matrices
 $ python lr_sweep.py --reuse=True                       # take the recorded runs, measure only what is missing
 
-Run it from the repository root: data/, results/ and assets/ are relative to the working directory,
-as train.py's data/ is. Whether muP pays off against SP tuned at every width is mup_payoff.py's question.
+Run it from the repository root: data/ and out_dir are relative to the working directory, as
+train.py's data/ is. Whether muP pays off against SP tuned at every width is mup_payoff.py's question.
 """
 
 import math
@@ -34,8 +35,9 @@ globals().update(REFERENCE) # the settings the runs share, from dataset to muon_
 device = 'cpu'
 jobs = 2 # train.py processes at a time
 threads = 1 # OMP threads per process
-reuse = False # take the runs already recorded in results/<out>.json instead of measuring them again
-out = 'lr_transfer' # results/<out>.json, assets/<out>.png
+reuse = False # take the runs already recorded in <out_dir>/results/<out>.json instead of measuring them again
+out_dir = 'out-studies' # where results/ and assets/ go: --out_dir=. updates the repository's committed files
+out = 'lr_transfer' # <out_dir>/results/<out>.json, <out_dir>/assets/<out>.png
 # -----------------------------------------------------------------------------
 
 NAMES = {'sp': 'SP', 'mup': 'μP', 'none': 'no depth scaling', 'depth-muP': 'depth-μP', 'CompleteP': 'CompleteP'}
@@ -136,8 +138,8 @@ if __name__ == '__main__':
         grid = width_grid(widths, log2_lrs, max_iters)
         axis, sizes, model = 'width', widths, f'{n_layer}-layer GPT'
     for d in ('results', 'assets'):
-        os.makedirs(d, exist_ok=True)
-    runner = Runner(os.path.join('results', f'{out}.json'), dict(setup, device=device), seeds, jobs, threads, reuse)
+        os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+    runner = Runner(os.path.join(out_dir, 'results', f'{out}.json'), dict(setup, device=device), seeds, jobs, threads, reuse)
     print(runner.describe())
     with runner:
         table = sweep(runner, grid)
@@ -147,5 +149,6 @@ if __name__ == '__main__':
     optimizer_note = ''
     if setup['optimizer'] == 'muon':
         optimizer_note = f"Muon (lr x{setup['muon_lr_mult']:g}) for the hidden matrices, AdamW for the rest; "
-    plot_sweep(table, axis, sizes, log2_lrs, titles, optimizer_note, os.path.join('assets', f'{out}.png'))
-    print(f"\nwrote assets/{out}.png")
+    png = os.path.join(out_dir, 'assets', f'{out}.png')
+    plot_sweep(table, axis, sizes, log2_lrs, titles, optimizer_note, png)
+    print(f"\nwrote {png}")

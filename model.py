@@ -750,8 +750,12 @@ class GPT(nn.Module):
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model flops utilization against `peak_flops` (see device_peak_flops)."""
-        # first estimate the number of flops we do per iteration, as the PaLM paper's Appendix B
+        # first estimate the number of flops we do per iteration, as the PaLM paper's Appendix B.
+        # N counts the weights that enter a matmul: not wpe, nor an untied wte (lookups, no
+        # FLOPs); a tied wte is the readout's matrix.
         N = self.get_num_params()
+        if not self.config.tie_weights:
+            N -= self.transformer.wte.weight.numel()
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T # the matmuls, then attention's q.k and a.v

@@ -25,7 +25,8 @@ $ python mup_payoff.py --study=tune --optimizer=muon --muon_lr_mult=4 --horizons
 
 Every run is recorded in results/<out>.json; with --reuse=True the searches take the runs
 already there (lr_sweep.py's included, with the same --out) and measure only what is missing.
-Run it from the repository root: data/, results/ and assets/ are relative to the working directory.
+Run it from the repository root: data/ and out_dir are relative to the working directory. Every
+file goes to out_dir, a new directory unless --out_dir=. updates the repository's committed ones.
 """
 
 import json
@@ -49,8 +50,9 @@ globals().update(REFERENCE) # the settings the runs share, from dataset to muon_
 device = 'cpu'
 jobs = 2 # train.py processes at a time
 threads = 1 # OMP threads per process
-reuse = False # take the runs already recorded in results/<out>.json instead of measuring them again
-out = 'lr_transfer' # results/<out>.json (the runs), results/<out>_tuned.json, _joint.json or _summary.json
+reuse = False # take the runs already recorded in <out_dir>/results/<out>.json instead of measuring them again
+out_dir = 'out-studies' # where results/ and assets/ go: --out_dir=. updates the repository's committed files
+out = 'lr_transfer' # <out_dir>/results/<out>.json (the runs), <out>_tuned.json, _joint.json or _summary.json
 # -----------------------------------------------------------------------------
 
 # underscored: constants, not --keys
@@ -259,9 +261,10 @@ if __name__ == '__main__':
     if study != 'joint' and any(w % n_head for w in widths):
         raise UserError(f"every width must be a multiple of n_head={n_head}: got widths={widths}")
     muon_lr_mult_start = setup['muon_lr_mult'] if setup['optimizer'] == 'muon' else None # searched with the rest
-    for d in ('results', 'assets'):
+    results_dir, assets_dir = os.path.join(out_dir, 'results'), os.path.join(out_dir, 'assets')
+    for d in (results_dir, assets_dir):
         os.makedirs(d, exist_ok=True)
-    runner = Runner(os.path.join('results', f'{out}.json'), dict(setup, device=device), seeds, jobs, threads, reuse)
+    runner = Runner(os.path.join(results_dir, f'{out}.json'), dict(setup, device=device), seeds, jobs, threads, reuse)
     print(runner.describe())
     with runner:
         if study == 'tune':
@@ -274,18 +277,21 @@ if __name__ == '__main__':
     print(runner.summary())
     if study == 'tune':
         report_tune(summary, base_width)
-        with open(os.path.join('results', f'{out}_tuned.json'), 'w') as f:
+        path, png = os.path.join(results_dir, f'{out}_tuned.json'), os.path.join(assets_dir, f'{out}_tuned.png')
+        with open(path, 'w') as f:
             json.dump(summary, f, indent=1)
         muon = muon_lr_mult_start is not None
-        plot_tune(summary, base_width, muon, os.path.join('assets', f'{out}_tuned.png'))
-        print(f"\nwrote results/{out}_tuned.json and assets/{out}_tuned.png")
+        plot_tune(summary, base_width, muon, png)
+        print(f"\nwrote {path} and {png}")
     elif study == 'joint':
         report_joint(rows, base_width, n_layer, joint_width, joint_depth)
-        with open(os.path.join('results', f'{out}_joint.json'), 'w') as f:
+        path = os.path.join(results_dir, f'{out}_joint.json')
+        with open(path, 'w') as f:
             json.dump(rows, f, indent=1)
-        print(f"\nwrote results/{out}_joint.json")
+        print(f"\nwrote {path}")
     else:
         report_causes(results, max(widths), max_iters)
-        with open(os.path.join('results', f'{out}_summary.json'), 'w') as f:
+        path = os.path.join(results_dir, f'{out}_summary.json')
+        with open(path, 'w') as f:
             json.dump(results, f, indent=1)
-        print(f"\nwrote results/{out}_summary.json")
+        print(f"\nwrote {path}")

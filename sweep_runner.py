@@ -4,12 +4,12 @@ What lr_sweep.py and mup_payoff.py share: the reference setup, and a Runner that
 Every run is `train.py` itself in a subprocess (the same model, optimizer groups, lr_scale and
 warmup + cosine schedule), so no study can train by different rules. The Runner launches at most
 `jobs` of them at a time, shows a progress bar over the runs it has to measure, and records each
-result in results/<out>.json, one record per run, keyed by every setting that changes its outcome.
+result in <out_dir>/results/<out>.json, one record per run, keyed by every setting that changes its outcome.
 
 A recorded run stands in for a new one only when the user asks (--reuse=True): by default a study
 measures every run it needs again and updates the file, so what it reports was measured by this
 code on this machine. Either way a study prints how many runs it measured and how many it reused.
-Paths (data/, results/) are relative to the working directory, as train.py's data/ is.
+Paths (data/, out_dir) are relative to the working directory, as train.py's data/ is.
 """
 
 import json

@@ -369,8 +369,8 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     set_lr(optimizer, lr)
 
-    # evaluate the loss on train/val sets and write checkpoints
-    if iter_num % eval_interval == 0:
+    # evaluate the loss on train/val sets and write checkpoints; always at the last iteration
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
         rng_states = distributed.rng_states(procs, device) # on every process, before they move on
         # under FSDP every process takes part in each forward: all evaluate (the same batches,
         # so the same losses and the same decision to save), the master reports

@@ -29,8 +29,6 @@ def test_bench_writes_every_row_and_the_target_ratios(tmp_path):
         assert len(r['times_ms']) == 3 # one per timed round
         assert r['tokens_per_s'] == pytest.approx(2 * 16 / (r['ms_per_step'] / 1e3))
     assert rows['dense', 'sp']['resolved'] == 'dense' and rows['auto', 'sp']['resolved'] == 'sdpa'
-    for r in rows.values(): # a catalog mask is built once and then fetched: nothing per step
-        assert r['mask_pct'] < 5, (r['label'], r['mask_ms'], r['ms_per_step'])
     for param in ('sp', 'mup'): # every backend trains the same model: same seed, same first loss
         losses = [rows[b, param]['first_loss'] for b in ('sdpa-direct', 'auto', 'sdpa', 'dense')]
         assert max(losses) - min(losses) < 1e-4, losses

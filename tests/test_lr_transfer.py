@@ -31,7 +31,7 @@ def test_cache_key_ignores_what_sp_ignores():
 
 def counts(stdout):
     """(runs measured, runs reused) from a study's output."""
-    found = re.search(r'^(\d+) runs measured, (\d+) reused from results/\w+\.json$', stdout, re.M)
+    found = re.search(r'^(\d+) runs measured, (\d+) reused from \S+\.json$', stdout, re.M)
     assert found, stdout[-2000:]
     return int(found[1]), int(found[2])
 
@@ -40,13 +40,14 @@ def test_sweep_measures_every_run_again_unless_told_to_reuse(tmp_path, workdir):
     (tmp_path / 'data').symlink_to(workdir / 'data')
     sweep = lambda *args: ok(run_script('lr_sweep.py', *TINY_SWEEP, *args, cwd=tmp_path))
     assert counts(sweep('--log2_lrs=-8')) == (2, 0) # SP and muP
-    assert (tmp_path / 'assets' / 'tiny.png').exists()
+    out = tmp_path / 'out-studies' # a new directory: the repository's results/ and assets/ stay as committed
+    assert (out / 'assets' / 'tiny.png').exists() and not (tmp_path / 'results').exists()
     assert counts(sweep('--log2_lrs=-8,-7', '--reuse=True')) == (2, 2) # only the new lr is trained
-    records = json.loads((tmp_path / 'results' / 'tiny.json').read_text())
+    records = json.loads((out / 'results' / 'tiny.json').read_text())
     assert sorted((r['param'], r['log2_lr']) for r in records) == [('mup', -8), ('mup', -7), ('sp', -8), ('sp', -7)]
     assert all(0 < r['val_loss'] < 5 for r in records) # train.py ran to the end
     assert counts(sweep('--log2_lrs=-8')) == (2, 0) # by default, recorded runs are measured again
-    assert len(json.loads((tmp_path / 'results' / 'tiny.json').read_text())) == 4 # their records replaced, not added
+    assert len(json.loads((out / 'results' / 'tiny.json').read_text())) == 4 # their records replaced, not added
 
 
 def test_committed_results_are_reproduced_from_their_records(tmp_path):
@@ -55,8 +56,9 @@ def test_committed_results_are_reproduced_from_their_records(tmp_path):
     committed."""
     (tmp_path / 'results').mkdir()
     shutil.copy(f'{ROOT}/results/lr_transfer.json', tmp_path / 'results')
-    assert counts(ok(run_script('lr_sweep.py', '--reuse=True', cwd=tmp_path))) == (0, 56)
-    stdout = ok(run_script('mup_payoff.py', '--study=tune', '--horizons=150', '--reuse=True', cwd=tmp_path))
+    assert counts(ok(run_script('lr_sweep.py', '--reuse=True', '--out_dir=.', cwd=tmp_path))) == (0, 56)
+    stdout = ok(run_script('mup_payoff.py', '--study=tune', '--horizons=150', '--reuse=True', '--out_dir=.',
+                           cwd=tmp_path))
     assert counts(stdout)[0] == 0
     tuned = json.loads((tmp_path / 'results' / 'lr_transfer_tuned.json').read_text())
     with open(f'{ROOT}/results/lr_transfer_tuned.json') as f:
@@ -70,7 +72,7 @@ def test_payoff_runs_one_study(tmp_path, monkeypatch):
     assert 'choose one of tune, joint, causes' in proc.stderr
     # the old lr_transfer.py's flags
     stops_with('mup_payoff.py', '--tune=True', '--causes=True', cwd=tmp_path, monkeypatch=monkeypatch)
-    assert not (tmp_path / 'results').exists() # nothing was measured
+    assert not (tmp_path / 'out-studies').exists() # nothing was measured
 
 
 class Bowl:

@@ -37,6 +37,14 @@ def test_generate_appends_tokens_and_crops_context():
     assert not torch.equal(model(out[:, -32:])[0], model(out[:, -31:])[0]) # the crop's start matters
 
 
+def test_mfu_counts_the_weights_that_enter_a_matmul():
+    """An untied model's wte is a lookup and its lm_head the readout's matmul: the FLOPs of a tied
+    model of the same shape, whose wte is that matmul. Counting the lookup would raise its MFU."""
+    tied, untied = make(), make(tie_weights=False)
+    assert untied.get_num_params() == tied.get_num_params() + TINY['vocab_size'] * TINY['n_embd']
+    assert untied.estimate_mfu(4, 0.1, 1e12) == tied.estimate_mfu(4, 0.1, 1e12)
+
+
 def test_crop_block_size():
     model = make()
     model.crop_block_size(16)

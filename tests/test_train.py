@@ -55,6 +55,15 @@ def test_sample_writes_text(workdir):
     assert all(len(s) == len('ROMEO') + 40 for s in samples), samples
 
 
+def test_the_last_iteration_evaluates_and_saves(workdir):
+    """A run shorter than eval_interval still ends with an eval and a checkpoint of its last
+    iteration, as nanochat's does."""
+    out_dir = workdir / 'out-short'
+    out = run('train.py', *TINY_MODEL, '--max_iters=12', '--eval_interval=250', f'--out_dir={out_dir}', cwd=workdir)
+    assert set(losses(out)) == {0, 12}
+    assert torch.load(out_dir / 'ckpt.pt', weights_only=False)['iter_num'] == 12
+
+
 def test_missing_dataset_names_the_prepare_command(tmp_path, monkeypatch):
     line = stops_with('train.py', '--dataset=nowhere', '--device=cpu', cwd=tmp_path, monkeypatch=monkeypatch)
     assert 'python data/nowhere/prepare.py' in line
