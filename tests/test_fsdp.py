@@ -45,17 +45,17 @@ def group_lines(stdout):
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
     """The same global batch (2 micro-batches): accumulated in one process, or one per FSDP
-    process. Losses at each of 20 iterations within 1e-4 (measured: 0, as printed); the param groups
+    process. Losses at each of 11 iterations within 1e-4 (measured: 0, as printed); the param groups
     printed (names, sizes, lr_scale, weight decay, eps) are the same. The 2 processes' sharded
-    checkpoint of iter 10 resumes on 1 FSDP process (resharded on load) to the same losses; its
-    next save removes the directory of the old one and a half-written one."""
-    args = ['--max_iters=19', f'--optimizer={optimizer}', '--muon_lr_mult=4']
-    one = train(*args, f'--out_dir={workdir / ("fsdp-one-" + optimizer)}', cwd=workdir)
-    two = train(*args, '--fsdp=True', f'--out_dir={workdir / ("fsdp-two-" + optimizer)}', cwd=workdir,
-                launcher=TORCHRUN)
+    checkpoint of iter 10 (their last) resumes on 1 FSDP process (resharded on load) to the one
+    process's losses; its next save removes the directory of the old one and a half-written one."""
+    args = [f'--optimizer={optimizer}', '--muon_lr_mult=4']
+    one = train(*args, '--max_iters=19', f'--out_dir={workdir / ("fsdp-one-" + optimizer)}', cwd=workdir)
+    two = train(*args, '--max_iters=10', '--fsdp=True', f'--out_dir={workdir / ("fsdp-two-" + optimizer)}',
+                cwd=workdir, launcher=TORCHRUN)
     one_losses, two_losses = iter_losses(one), iter_losses(two)
-    assert sorted(one_losses) == sorted(two_losses) == list(range(20))
-    worst = max(abs(one_losses[i] - two_losses[i]) for i in one_losses)
+    assert sorted(one_losses) == list(range(20)) and sorted(two_losses) == list(range(11))
+    worst = max(abs(one_losses[i] - two_losses[i]) for i in two_losses)
     print(f"{optimizer}: max |loss difference| {worst:.3g}")
     assert worst < 1e-4, (worst, one_losses, two_losses)
     assert group_lines(two) == group_lines(one) and len(group_lines(one)) >= 3
@@ -64,12 +64,12 @@ def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
     assert listing(two_dir) == ['ckpt.pt', 'ckpt_000010_*.dcp']
     (two_dir / 'ckpt_000015_0badc0de.dcp').mkdir() # as a save killed before its metadata leaves it
     (two_dir / 'ckpt_000015_0badc0de.dcp' / '__0_0.distcp').write_bytes(b'partial')
-    resumed = iter_losses(train(*args[1:], '--max_iters=20', '--fsdp=True', '--init_from=resume',
+    resumed = iter_losses(train(*args, '--max_iters=20', '--fsdp=True', '--init_from=resume',
                                 '--keep_last_n=1', f'--out_dir={two_dir}', cwd=workdir, launcher=TORCHRUN_ONE))
     assert sorted(resumed) == list(range(10, 21))
-    worst = max(abs(resumed[i] - two_losses[i]) for i in range(10, 20))
+    worst = max(abs(resumed[i] - one_losses[i]) for i in range(10, 20))
     print(f"{optimizer}: resumed on 1 process, max |loss difference| {worst:.3g}")
-    assert worst < 1e-4, (worst, resumed, two_losses)
+    assert worst < 1e-4, (worst, resumed, one_losses)
     assert listing(two_dir) == ['ckpt.pt', 'ckpt_000020.pt', 'ckpt_000020_*.dcp']
 
 
