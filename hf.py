@@ -4,8 +4,8 @@ way out, the folding of muP's constants into them, so that a plain transformers 
 what the GPT computes:
 
 - in: GPT-2's weights ('gpt2' ... 'gpt2-xl', or a local directory of a transformers GPT-2) as an
-  SP GPT (or muP at its own width as the base, the same model): load_gpt2, GPT.from_pretrained,
-  train.py's init_from;
+  SP GPT (or muP at its own width as the base, the same model): from_pretrained, train.py's
+  init_from;
 - out: a GPT as GPT2LMHeadModel (GPT-2's block), LlamaForCausalLM (RoPE, RMSNorm, SwiGLU, any
   n_kv_head) or Qwen3ForCausalLM (the same with QK-norm): to_transformers, export_hf.py.
 
@@ -26,6 +26,8 @@ GPT2_SIZES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 # transformers' GPT-2 activation -> our mlp setting (GPT-2's released weights use gelu_new)
 GPT2_ACTIVATIONS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh'}
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# the GPTConfig fields a GPT-2 checkpoint sets (load_gpt2)
+ARCHITECTURE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'bias', 'mlp', 'tie_weights')
 
 
 def transformers_module():
@@ -83,6 +85,22 @@ GPT2_FREE = ('block_size', 'dropout', 'attn_backend', 'attn_mod', 'init_std', 'm
              'mup_hidden_lr_exponent', 'mup_depth_alpha', 'rope_base')
 
 
+def from_pretrained(source, **settings):
+    """GPT-2's weights (GPT2_SIZES or a local directory of a transformers GPT-2) as a GPT: the
+    architecture from the checkpoint, every other GPTConfig setting (dropout, attn_backend, ...)
+    from `settings`, block_size at most GPT-2's (wpe cropped to it). An SP model, or muP with its
+    own width as the base: the same model (check_gpt2_settings); another is a ValueError."""
+    from model import GPT, GPTConfig
+    architecture, state = load_gpt2(source)
+    block_size = min(settings.get('block_size', architecture['block_size']), architecture['block_size'])
+    config = GPTConfig(**{**settings, **architecture, 'block_size': block_size})
+    check_gpt2_settings(config)
+    state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model
+
+
 def check_gpt2_settings(config):
     """A model GPT-2's weights compute GPT-2's function in: SP, or muP at its own width as the base
     (the same model), with every other setting but GPT2_FREE and the architecture (load_gpt2's) at
@@ -93,11 +111,10 @@ def check_gpt2_settings(config):
     if config.mup_base_depth not in (0, config.n_layer):
         raise ValueError(f"mup_base_depth={config.mup_base_depth}: GPT-2's weights are a {config.n_layer}-layer "
                          f"model; leave mup_base_depth=0")
-    architecture = ('n_layer', 'n_head', 'n_embd', 'vocab_size', 'bias', 'mlp', 'tie_weights')
     checked = ('mup_base_width', 'mup_base_head_dim', 'mup_base_depth')
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        if field.name in (*GPT2_FREE, *architecture, *checked) or value == field.default:
+        if field.name in (*GPT2_FREE, *ARCHITECTURE, *checked) or value == field.default:
             continue
         raise ValueError(f"{field.name}={value!r}: GPT-2's weights are for GPT-2's block with muP's neutral "
                          f"multipliers ({field.name}={field.default!r})")

@@ -627,20 +627,6 @@ class GPT(nn.Module):
         self.mup_param_info = mup.classify_params(self) # each parameter's muP class, by shape
         self._init_weights()
 
-    @classmethod
-    def from_pretrained(cls, source, **settings):
-        """GPT-2's weights ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local directory of
-        a transformers GPT-2) as a GPT: the architecture from the checkpoint, any other GPTConfig
-        setting (dropout, attn_backend, ...) from `settings`. An SP model, or muP with its own
-        width as the base: the same model (hf.check_gpt2_settings). Needs transformers (hf.py)."""
-        import hf
-        architecture, state = hf.load_gpt2(source)
-        config = GPTConfig(**{**settings, **architecture})
-        hf.check_gpt2_settings(config)
-        model = cls(config)
-        model.load_state_dict(state)
-        return model
-
     @torch.no_grad()
     def _init_weights(self):
         c = self.config

@@ -33,7 +33,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
@@ -166,25 +166,21 @@ if procs.master: # fail now, not at the first checkpoint after a long stretch of
         raise UserError(f"out_dir={out_dir!r} is not a writable directory ({e}): checkpoints "
                           f"are saved there; pass --out_dir=<a directory you can write>") from None
 checkpoint = None
-pretrained = None # GPT-2's weights, named as GPT's
+pretrained = None # a GPT with GPT-2's weights
 if init_from == 'resume':
     checkpoint, changed = checkpoints.resume(out_dir, device, model_args, config, fsdp)
     if changed and procs.master:
         print(f"resuming with settings changed from the checkpoint's run: {', '.join(changed)}")
     model_args['vocab_size'] = checkpoint['model_args']['vocab_size'] # the model's: the data is checked against it
 elif init_from != 'scratch':
-    try:
-        architecture, pretrained = hf.load_gpt2(init_from)
+    try: # GPT-2's architecture from the checkpoint, its positions cropped to this run's block_size
+        pretrained = hf.from_pretrained(init_from, **model_args)
     except ValueError as e:
         raise UserError(str(e)) from None
-    # GPT-2's architecture from the checkpoint; its positions cropped to this run's block_size
-    model_args.update(architecture, block_size=min(block_size, architecture['block_size']))
-    pretrained['transformer.wpe.weight'] = pretrained['transformer.wpe.weight'][:model_args['block_size']]
-    print(f"initializing from {init_from}: " + ', '.join(f"{k}={model_args[k]!r}" for k in architecture))
+    model_args = asdict(pretrained.config)
+    print(f"initializing from {init_from}: " + ', '.join(f"{k}={model_args[k]!r}" for k in hf.ARCHITECTURE))
 try:
     gptconf = GPTConfig(**model_args)
-    if pretrained is not None:
-        hf.check_gpt2_settings(gptconf)
 except ValueError as e:
     raise UserError(str(e)) from None
 block_size = gptconf.block_size # GPT-2 may have fewer positions than asked for
@@ -227,13 +223,11 @@ start_iter = iter_num # a save at start_iter would only rewrite the checkpoint w
 # rank 0's as DDP has. Then dropout differs per process; the batches come from data_rng.
 torch.manual_seed(seed)
 try:
-    model = GPT(gptconf) # its attention class is gptconf.attn_cls's
+    model = GPT(gptconf) if pretrained is None else pretrained # its attention class is gptconf.attn_cls's
 except ValueError as e: # the settings (or the attention class they name) cannot build a model
     raise UserError(str(e)) from None
 torch.manual_seed(seed + procs.rank)
-if pretrained is not None:
-    model.load_state_dict(pretrained)
-    pretrained = None # free up memory
+pretrained = None # one name for the model
 model.to(device)
 if procs.master:
     backends = {block.attn.resolve_backend(torch.device(device)) for block in model.transformer.h}

@@ -31,7 +31,7 @@ def saved_gpt2(directory, activation='gelu_new', vocab_size=100, seed=0):
 @pytest.mark.parametrize('activation', ['gelu', 'gelu_new'])
 def test_gpt2_weights_give_transformers_logits(tmp_path, activation):
     reference = saved_gpt2(tmp_path, activation)
-    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    ours = hf.from_pretrained(str(tmp_path)).eval()
     assert ours.config.mlp == ('gelu' if activation == 'gelu' else 'gelu_tanh') and ours.config.bias
     x = torch.randint(100, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -41,12 +41,12 @@ def test_gpt2_weights_give_transformers_logits(tmp_path, activation):
 
 def test_gpt2_weights_make_an_sp_model_or_mup_at_its_own_width(tmp_path):
     saved_gpt2(tmp_path)
-    same = GPT.from_pretrained(str(tmp_path), mup_base_width=64, dropout=0.1)
+    same = hf.from_pretrained(str(tmp_path), mup_base_width=64, dropout=0.1)
     assert same.config.width_mult == 1 and same.config.dropout == 0.1
     with pytest.raises(ValueError, match="mup_base_width=16: GPT-2's weights make an SP model"):
-        GPT.from_pretrained(str(tmp_path), mup_base_width=16)
+        hf.from_pretrained(str(tmp_path), mup_base_width=16)
     with pytest.raises(ValueError, match="pos_emb='rope': GPT-2's weights are for GPT-2's block"):
-        GPT.from_pretrained(str(tmp_path), pos_emb='rope')
+        hf.from_pretrained(str(tmp_path), pos_emb='rope')
 
 
 def test_offline_gpt2_says_how_to_pass_a_directory(monkeypatch):
