@@ -33,12 +33,12 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from configurator import (DTYPES, autocast, configure, model_config, model_settings, require, resolve_device,
-                          resolve_dtype)
+from configurator import (DTYPES, autocast, configure, device_peak_flops, model_config, model_settings, require,
+                          resolve_device, resolve_dtype)
 from errors import UserError, first_line
 from attn_mods import ATTN_MODS, parse_attn_mod
 from generate import KVCache, cache_slides
-from model import GPT, GPTConfig, MuPFlexAttention, device_peak_flops
+from model import GPT, GPTConfig, MuPFlexAttention
 
 # -----------------------------------------------------------------------------
 modes = ('train', 'attention') # any of 'train', 'attention', 'block', 'decode', 'distributed', 'gpu' (CUDA only)

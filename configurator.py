@@ -11,8 +11,13 @@ version, every key and value is checked against the defaults, so a typo fails
 loudly instead of silently training with the default. A bad setting or input
 raises UserError, which a script that called configure() reports in one line,
 without a traceback, and exits non-zero (real bugs keep their traceback).
-`resolve_device(device)` turns a script's `device` setting ('auto' included) into a device
-this machine has, or a UserError that says what to pass instead.
+`python <script>.py --help` lists the settings with their defaults and meanings (comments()).
+model_settings() makes every field of model.GPTConfig a setting of a script, and model_config()
+builds the GPTConfig from them, so a field added there is a flag of every script.
+
+The rest is what the scripts share about the machine: resolve_device turns a `device` setting
+('auto' included) into a device this machine has, or a UserError that says what to pass instead;
+resolve_dtype and autocast the precision; device_peak_flops what MFU is measured against.
 """
 
 import ast
@@ -20,6 +25,7 @@ import difflib
 import io
 import os
 import sys
+import time
 import tokenize
 import traceback
 import types
@@ -322,3 +328,30 @@ def autocast(device, ptdtype):
     import torch
     return torch.amp.autocast(device_type=torch.device(device).type, dtype=ptdtype,
                               enabled=ptdtype != torch.float32)
+
+
+# bf16 dense peaks of common GPUs (vendor datasheets, without sparsity)
+GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
+                  'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
+
+
+def device_peak_flops(device, dtype=None):
+    """What MFU is measured against: a GPU's datasheet bf16 peak (an unknown GPU: A100's, as
+    nanoGPT); elsewhere (CPU, MPS), the best rate of a 1024^2 matmul in `dtype` over 5 tries,
+    so that CPU MFU reads as a fraction of what this machine's GEMM reaches."""
+    import torch
+    dtype = dtype or torch.float32
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return 312e12
+    a = torch.randn(1024, 1024, device=device, dtype=dtype)
+    best = float('inf')
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024 ** 3 / best

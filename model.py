@@ -19,7 +19,6 @@ import functools
 import importlib.util
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -764,28 +763,3 @@ class GPT(nn.Module):
             idx_next = generate.sample(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-
-# bf16 dense peaks of common GPUs (vendor datasheets, without sparsity)
-GPU_PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
-                  'RTX 4090': 165e12, 'RTX 3090': 71e12, 'V100': 125e12, 'T4': 65e12}
-
-
-def device_peak_flops(device, dtype=torch.float32):
-    """What MFU is measured against: a GPU's datasheet bf16 peak (an unknown GPU: A100's, as
-    nanoGPT); elsewhere (CPU, MPS), the best rate of a 1024^2 matmul in `dtype` over 5 tries,
-    so that CPU MFU reads as a fraction of what this machine's GEMM reaches."""
-    device = torch.device(device)
-    if device.type == 'cuda':
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        return 312e12
-    a = torch.randn(1024, 1024, device=device, dtype=dtype)
-    best = float('inf')
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 1024 ** 3 / best

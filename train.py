@@ -40,10 +40,11 @@ import torch
 import checkpoints
 import distributed
 import hf
-from configurator import DTYPES, autocast, configure, model_settings, require, resolve_device, resolve_dtype
+from configurator import (DTYPES, autocast, configure, device_peak_flops, model_settings, require, resolve_device,
+                          resolve_dtype)
 from data import check_token_files, get_batch, read_meta
 from errors import UserError
-from model import GPT, GPTConfig, device_peak_flops, set_lr
+from model import GPT, GPTConfig, set_lr
 
 # -----------------------------------------------------------------------------
 # default config values, every one overridable by a config file or --key=value; `python train.py
