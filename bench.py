@@ -297,17 +297,17 @@ def print_attention(rows):
 # ---- the modern block beside GPT-2's
 
 def modern_block():
-    """The block settings of the modern main job (config/shakespeare_mup_modern.py), read from
+    """The block settings of the main job (config/shakespeare_mup.py, the modern block), read from
     the config file itself."""
     keys = ('pos_emb', 'rope_base', 'norm', 'norm_gain', 'qk_norm', 'mlp', 'n_kv_head', 'tie_weights')
     recipe = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config',
-                                         'shakespeare_mup_modern.py'))
+                                         'shakespeare_mup.py'))
     return {key: recipe[key] for key in keys if key in recipe}
 
 
 def block_rows(device, ptdtype):
     """The training step of the modern main job's block beside GPT-2's, at the main job's shape
-    (config/shakespeare_mup.py's CPU model: 4 x 192, batch 16 x 128, muP base width 64, AdamW),
+    (its CPU model: 4 x 192, batch 16 x 128, muP base width 64; AdamW for both),
     timed interleaved. Returns the rows and the modern / GPT-2 ratio of the median step times."""
     base = GPTConfig(block_size=128, vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=192, bias=False,
                      dropout=0.0, mup_base_width=64)

@@ -285,7 +285,22 @@ def print_slopes(all_results, steps, axis='width'):
         print(f"{'max |s|':<{width}}" + ''.join(f"{abs(worst(s)[1]):>11.2f}" for s in per_param.values()))
         for p, s in per_param.items():
             module, value = worst(s)
-            print(f"worst under {LABELS.get(p, p)}: {module} ({value:+.2f})")
+            print(f"worst under {LABELS.get(p, p)}: {module} ({value:+.2f})" + verdict(p, value, axis))
+
+
+# docs/mup.md, invariants 3 and 4: what a coordinate check over >= 3 doublings must show
+MUP_BOUND, SP_BOUND = 0.25, 1.0
+
+def verdict(param, worst_slope, axis='width'):
+    """The pass mark of a width check's worst slope: muP flat (|slope| <= MUP_BOUND), SP blowing up
+    (|slope| >= SP_BOUND: a check SP passes too proves nothing). Other rows have none."""
+    if axis != 'width' or param not in ('sp', 'mup'):
+        return ''
+    if param == 'mup':
+        passed = abs(worst_slope) <= MUP_BOUND
+        return f": {'passes' if passed else 'FAILS'} (muP needs every |slope| <= {MUP_BOUND})"
+    blew_up = abs(worst_slope) >= SP_BOUND
+    return f": {'blows up, as SP must' if blew_up else 'does NOT blow up: the check cannot tell muP from SP here'} (|slope| >= {SP_BOUND})"
 
 if __name__ == '__main__':
     from tqdm import tqdm

@@ -111,7 +111,19 @@ def report_sweep(table, axis, sizes, log2_lrs, it):
         bests = [best(table[variant][size]) for size in sizes]
         edge = [s for s, b in zip(sizes, bests) if b in (min(log2_lrs), max(log2_lrs))]
         note = f"; best on the grid's edge at {axis}s {edge}: widen log2_lrs" if edge else ""
-        print(f"{variant}: best lr moves by {max(bests) - min(bests)} grid steps across {axis}s {sizes}{note}")
+        span = max(bests) - min(bests)
+        print(f"{variant}: best lr moves by {span} grid steps across {axis}s {sizes}{note}"
+              + transfer_verdict(variant, span, axis))
+
+
+def transfer_verdict(variant, span, axis):
+    """docs/mup.md, invariant 6, across >= 8x the width: muP's best lr moves by at most one grid
+    step; SP's must move (else the grid cannot tell them apart)."""
+    if axis != 'width' or variant not in ('sp', 'mup'):
+        return ''
+    if variant == 'mup':
+        return f": {'passes' if span <= 1 else 'FAILS'} (muP: at most 1)"
+    return f": {'moves, as SP must' if span >= 1 else 'does NOT move: the grid cannot tell muP from SP'}"
 
 if __name__ == '__main__':
     from configurator import configure

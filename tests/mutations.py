@@ -130,7 +130,19 @@ def failing_tests(name, tests, first=False):
     return sorted(set(re.findall(r'^FAILED tests/\S+?::(\w+)', proc.stdout, flags=re.M)))
 
 
+USAGE = """usage: python tests/mutations.py [--first] [--only=NAME,NAME] [--all_tests]
+  --first       stop each mutation's run at its first failing behavioural test (formula tests left out)
+  --only=A,B    these mutations only (the names of MUTATIONS)
+  --all_tests   run every test file, not only the muP ones"""
+
+
 if __name__ == '__main__':
+    if '--help' in sys.argv or '-h' in sys.argv:
+        print(__doc__.strip() + '\n\n' + USAGE)
+        sys.exit(0)
+    unknown = [a for a in sys.argv[1:] if a.split('=', 1)[0] not in ('--first', '--only', '--all_tests')]
+    if unknown:
+        sys.exit(f"error: unknown argument {unknown[0]}\n{USAGE}")
     only = [a.split('=', 1)[1].split(',') for a in sys.argv[1:] if a.startswith('--only=')]
     names = only[0] if only else list(MUTATIONS)
     tests = ['tests'] if '--all_tests' in sys.argv else MUP_TESTS

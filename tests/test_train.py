@@ -118,18 +118,19 @@ def test_a_field_added_to_gptconfig_is_a_flag_of_every_script(tmp_path):
     assert ok(import_sweep).strip() == '7' # every run passes it to train.py, and its cache key has it off 7
 
 
-def readme_attention_example():
-    """The README's RelativeBias example, as a user saves it to a file."""
+def test_the_readme_shows_the_example_attention_file():
+    """The README's RelativeBias is relative_bias.py's class, as the file holds it."""
     with open(f'{ROOT}/README.md') as f:
-        readme = f.read()
-    return re.search(r"```python\n(.*?class RelativeBias\(MuPFlexAttention\).*?)```", readme, flags=re.S)[1]
+        shown = re.search(r"```python\n(.*?class RelativeBias\(MuPFlexAttention\).*?)```", f.read(), flags=re.S)[1]
+    with open(f'{ROOT}/relative_bias.py') as f:
+        assert shown in f.read()
 
 
 def test_the_readme_attention_class_is_a_setting_of_every_script(workdir, monkeypatch):
-    """Saved to a file, the README's subclass is trained, resumed, sampled and analysed with
+    """The README's subclass (relative_bias.py) is trained, resumed, sampled and analysed with
     --attn_cls alone: the checkpoint records it, and sample.py and analyze_jacobian.py build it
     from there. Without it the resume is refused, naming it; gone, it is a one-line error."""
-    (workdir / 'relative_bias.py').write_text(readme_attention_example())
+    shutil.copy(f'{ROOT}/relative_bias.py', workdir / 'relative_bias.py')
     attn_cls = '--attn_cls=relative_bias.py:RelativeBias'
     out_dir = workdir / 'out-relative-bias'
     out = run('train.py', *TINY_MODEL, attn_cls, '--max_iters=20', '--eval_interval=10', f'--out_dir={out_dir}',
