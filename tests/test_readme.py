@@ -42,7 +42,7 @@ def script_and_args(command):
     """(the project's script a command runs, its arguments), or None for other programs (pip,
     lm_eval, python -m pytest, python -c)."""
     words = shlex.split(command)
-    if '<' in words[1]:
+    if len(words) < 2 or '<' in words[1]:
         return None # `python <script>.py --help`: a pattern, not a command
     if words[0] in ('python', 'python3') and len(words) > 1 and not words[1].startswith('-'):
         return words[1], words[2:]
