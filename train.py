@@ -40,6 +40,7 @@ import torch
 import checkpoints
 import distributed
 import hf
+import transfer
 from configurator import (DTYPES, autocast, configure, device_peak_flops, model_settings, require, resolve_device,
                           resolve_dtype)
 from data import check_token_files, get_batch, read_meta
@@ -88,6 +89,14 @@ decay_lr = True # whether to decay the learning rate
 warmup_iters = 100 # how many steps to warm up for
 lr_decay_iters = 5000 # should be ~= max_iters per Chinchilla
 min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchilla
+# ---- tune small, train big along the batch and the length (transfer.py; docs/mup.md, "Beyond
+# width and depth"): with these set, the optimizer values above are a proxy's, tuned at another
+# batch or length, and the run derives its own from them; 0 = off (that axis is the proxy's)
+base_batch_tokens = 0 # tokens per optimizer step of the tuning run
+base_train_tokens = 0 # total training tokens of the tuning run
+batch_lr_exponent = 0.5 # lr x (B / base_batch_tokens)^this below the critical batch (the SDE's 1/2)
+length_lr_exponent = 0.0 # lr x (D / base_train_tokens)^-this (0: the best lr did not move with length here)
+critical_batch_tokens = 0 # the lr stops growing with the batch above this many tokens a step (0: no bound)
 # ---- FSDP2
 # under torchrun: shard parameters, gradients and optimizer state over the processes instead of
 # replicating them as DDP does; for models whose training state outgrows one device
@@ -127,6 +136,10 @@ require(config, 'dtype', dtype in DTYPES, "'auto', 'float32', 'bfloat16' or 'flo
 require(config, 'optimizer', optimizer in ('adamw', 'muon'), "'adamw' or 'muon'")
 require(config, 'muon_lr_mult', 0 < muon_lr_mult < math.inf, 'a finite number > 0')
 require(config, 'muon_momentum', 0 <= muon_momentum < 1, 'in [0, 1)')
+for key in ('base_batch_tokens', 'base_train_tokens', 'critical_batch_tokens'):
+    require(config, key, config[key] >= 0, 'an integer >= 0 (0 = off)')
+for key in ('batch_lr_exponent', 'length_lr_exponent'):
+    require(config, key, abs(config[key]) < math.inf, 'a finite number')
 require(config, 'init_from', init_from in ('scratch', 'resume', *hf.GPT2_SIZES) or os.path.isdir(init_from),
         f"'scratch', 'resume', one of {', '.join(hf.GPT2_SIZES)}, or the path of a directory that "
         f"transformers' GPT2LMHeadModel.save_pretrained wrote")
@@ -191,9 +204,23 @@ check_token_files(data_dir, block_size, gptconf.vocab_size, has_meta=meta is not
 # the processes, the device and the precision
 device = distributed.init(procs, device) # under torchrun, the process group; cuda:<local rank>
 local_accum_steps = gradient_accumulation_steps // procs.world_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 if procs.master:
-    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     print(f"tokens per iteration will be: {tokens_per_iter:,}")
+# the proxy's tuned values carried to this run's batch and length (transfer.py); the values as
+# given stay in `config`, the ones the run uses are these
+tuned = transfer.Hyperparameters(learning_rate, min_lr, beta1, beta2, muon_momentum, weight_decay, adam_eps)
+derived = transfer.transfer(tuned, tokens_per_iter, tokens_per_iter * max_iters, base_batch_tokens,
+                            base_train_tokens, batch_lr_exponent, length_lr_exponent, critical_batch_tokens)
+learning_rate, min_lr, beta1, beta2, muon_momentum, weight_decay, adam_eps = derived
+if procs.master and (base_batch_tokens or base_train_tokens):
+    print(f"carried from the proxy ({base_batch_tokens or tokens_per_iter:,} tokens a step, "
+          f"{base_train_tokens or tokens_per_iter * max_iters:,} in all) to this run "
+          f"({tokens_per_iter:,}, {tokens_per_iter * max_iters:,}): "
+          + ', '.join(f"{k} {getattr(tuned, k):.6g} -> {v:.6g}" for k, v in derived._asdict().items()))
+if procs.master and transfer.wasted_batch(tokens_per_iter, critical_batch_tokens):
+    print(f"{tokens_per_iter:,} tokens a step is past the critical batch ({critical_batch_tokens:,}): "
+          f"the lr stops growing there, and the extra tokens of each step buy little")
 torch.backends.cuda.matmul.allow_tf32 = True # allow tf32 on matmul
 torch.backends.cudnn.allow_tf32 = True # allow tf32 on cudnn
 ptdtype = resolve_dtype(dtype, device)
@@ -307,7 +334,7 @@ def save_checkpoint(rng_states):
     """out_dir/ckpt.pt (under FSDP with the shards it names): the model, the optimizer, and
     everything an exact resume needs. On every process under FSDP, on the master otherwise."""
     state = dict(model_args=model_args, iter_num=iter_num, best_val_loss=best_val_loss,
-                 config=config, skipped_steps=skipped_steps,
+                 config=config, transferred=derived._asdict(), skipped_steps=skipped_steps,
                  data_rng_state=batch_rng_state, # what drew this iteration's batches
                  rng_states=rng_states)
     saved = checkpoints.save(state, out_dir, raw_model, optimizer, fsdp, procs.master, keep_last_n)

@@ -84,6 +84,10 @@ MUTATIONS = {
     'export_without_the_readout_fold': ("the export leaves output_mult / m out of an untied lm_head", 'hf.py',
                                         "        state['lm_head.weight'] = readout * model.lm_head.weight.detach().float()\n",
                                         "        state['lm_head.weight'] = model.lm_head.weight.detach().float()\n"),
+    'beta_half_life_inverted': ("an EMA's beta raised to B0 / B, not B / B0, when the batch changes", 'transfer.py',
+                                "    half_lives = B / B0 #", "    half_lives = B0 / B #"),
+    'decay_timescale_not_held': ("weight decay left as tuned when the lr, the batch or the length change", 'transfer.py',
+                                 "        weight_decay=tuned.weight_decay * decay_factor,", "        weight_decay=tuned.weight_decay,"),
     'muon_rms_matched': ("Moonshot's RMS-matched Muon update, 0.2 sqrt(max(A, B)), at a fixed lr", 'muon.py',
                          "return math.sqrt(max(1.0, fan_out / fan_in))",
                          "return 0.2 * math.sqrt(max(fan_out, fan_in))"),
@@ -98,7 +102,7 @@ FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_a
                  'test_an_output_weight_in_a_block_takes_the_depth_rules_of_a_hidden_matrix')
 MUP_TESTS = ['tests/test_output_weights.py', 'tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
              'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py', 'tests/test_modern_block.py',
-             'tests/test_hf.py']
+             'tests/test_hf.py', 'tests/test_transfer.py']
 
 
 def mutated_copy(name, into):
