@@ -184,10 +184,6 @@ def train(model, data_dir, steps, batch_size, device):
         bar.set_postfix(loss=f'{loss.item():.4f}')
     return loss.item()
 
-def trained_on(checkpoint):
-    """The dataset a checkpoint's run trained on: its train.py config's, else shakespeare_char."""
-    return checkpoint.get('config', {}).get('dataset', 'shakespeare_char')
-
 # -----------------------------------------------------------------------------
 # output
 
@@ -270,13 +266,7 @@ def main(c):
         model = GPT(model_config(c, vocab_size=vocab_size)).to(dev)
         return run(model, _DATA_DIR, c['steps'], c['batch_size'], dev, c['out'])
     model, checkpoint = checkpoints.load_run(c['ckpt'], dev, setting='ckpt')
-    dataset = trained_on(checkpoint)
-    data_dir = os.path.join('data', dataset) # relative to the working directory, as train.py's
-    if not os.path.exists(os.path.join(data_dir, 'val.bin')):
-        raise UserError(f"{c['ckpt']} was trained on dataset={dataset!r}, whose {data_dir}/val.bin is "
-                        f"not here: run from the directory it was trained in, or prepare it with "
-                        f"`python data/{dataset}/prepare.py`")
-    return run(model, data_dir, 0, c['batch_size'], dev, c['out'])
+    return run(model, checkpoints.data_dir_of(checkpoint, c['ckpt'], 'val'), 0, c['batch_size'], dev, c['out'])
 
 if __name__ == '__main__':
     main(configure(globals(), sys.argv[1:]))

@@ -138,6 +138,23 @@ def load_run(path, device, setting='out_dir', **changes):
     return model.to(device), checkpoint
 
 
+def trained_on(checkpoint):
+    """The dataset a checkpoint's run trained on: its train.py config's, else shakespeare_char."""
+    return checkpoint.get('config', {}).get('dataset', 'shakespeare_char')
+
+
+def data_dir_of(checkpoint, path, split):
+    """data/<the run's dataset>, relative to the working directory as train.py's, once its
+    <split>.bin is found there; a UserError naming the run (`path`) and the fix otherwise."""
+    dataset = trained_on(checkpoint)
+    data_dir = os.path.join('data', dataset)
+    if not os.path.exists(os.path.join(data_dir, f'{split}.bin')):
+        raise UserError(f"{path} was trained on dataset={dataset!r}, whose {data_dir}/{split}.bin is not here: "
+                        f"run from the directory it was trained in, or prepare it with "
+                        f"`python data/{dataset}/prepare.py`")
+    return data_dir
+
+
 def checkpoint_file(path):
     """The checkpoint file `path` names: itself if it is a file, else the ckpt.pt of a directory."""
     if os.path.isfile(path):

@@ -82,7 +82,7 @@ def load_gpt2(source):
 # settings that leave the function GPT-2's weights compute as it is (dropout, a kernel, a training
 # rule, a setting another one switches off), or that a fine-tune may change on purpose (attn_mod)
 GPT2_FREE = ('block_size', 'dropout', 'attn_backend', 'attn_mod', 'init_std', 'mup_scale_weight_decay',
-             'mup_hidden_lr_exponent', 'mup_depth_alpha', 'rope_base')
+             'mup_hidden_lr_exponent', 'embedding_lr_mult', 'mup_depth_alpha', 'rope_base')
 
 
 def from_pretrained(source, **settings):

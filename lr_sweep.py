@@ -17,6 +17,7 @@ Run it from the repository root: data/ and out_dir are relative to the working d
 train.py's data/ is. Whether muP pays off against SP tuned at every width is mup_payoff.py's question.
 """
 
+import json
 import math
 import os
 import sys
@@ -27,7 +28,19 @@ from sweep_runner import DEPTH_VARIANTS, REFERENCE, Runner, depth_setting, setti
 # ---- default config values, every one overridable with --key=value
 widths = [64, 128, 256, 512]
 depths = [] # e.g. 2,4,8,16: sweep across these depths at the base width instead, n_layer the base depth
-log2_lrs = [-12, -11, -10, -9, -8, -7, -6] # the x2 grid: learning_rate = 2**k
+# e.g. 4,16,64: sweep across these batch sizes (sequences per step) at `tokens` tokens in all, muP
+# at `width`; the first is the proxy's
+batch_sizes = []
+# e.g. 150,600,2400: sweep across these lengths (steps) at the batch of batch_size, muP at `width`;
+# the first is the proxy's
+lengths = []
+width = 128 # the batch and length sweeps' width (muP relative to base_width)
+tokens = 614400 # the batch sweep's training tokens: max_iters = tokens / (batch_size x block_size)
+policy = False # batch and length sweeps: each run derives its values from the proxy's (transfer.py)
+tune = 'lr' # what the grid sets in the batch and length sweeps: 'lr', or 'weight_decay' at 2**log2_lr
+log2_lrs = [-12.0, -11.0, -10.0, -9.0, -8.0, -7.0, -6.0] # the grid: learning_rate = 2**k (half steps welcome)
+log2_wds = [-6.0, -5.0, -4.0, -3.0, -2.0, -1.0] # tune='weight_decay': its grid, weight_decay = 2**k
+log2_lr = -7.0 # tune='weight_decay': the lr
 seeds = [1337] # several: the best lr is the one with the lowest mean val loss over seeds
 max_iters = 150
 globals().update(REFERENCE) # the settings the runs share, from dataset to muon_momentum (--help lists them)
@@ -125,6 +138,143 @@ def transfer_verdict(variant, span, axis):
         return f": {'passes' if span <= 1 else 'FAILS'} (muP: at most 1)"
     return f": {'moves, as SP must' if span >= 1 else 'does NOT move: the grid cannot tell muP from SP'}"
 
+# ---- the batch and length axes, with statistics over seeds
+
+def axis_grid(axis, values, log2s, width, batch_size, sequence_tokens, tokens, tune, log2_lr, policy):
+    """{(value, log2): setting}: muP at `width` for every value of the axis ('batch_size' at
+    `tokens` tokens in all, or 'max_iters' at batch_size) and every grid point (the lr, or the
+    weight decay at 2**log2_lr). sequence_tokens: the tokens a sequence adds to a step
+    (block_size x gradient_accumulation_steps). With `policy`, every run is told the proxy's (the
+    first value's) tokens per step and in all, and derives its values from the grid's
+    (transfer.py): the grid is in the proxy's units. The proxy's own runs are left without the
+    base settings, which are the identity there (bitwise): they are the policy-off sweep's runs."""
+    def batch_and_steps(value):
+        if axis == 'batch_size':
+            return value, tokens // (value * sequence_tokens)
+        return batch_size, value
+    proxy_batch, proxy_steps = batch_and_steps(values[0])
+    grid = {}
+    for value in values:
+        batch, steps = batch_and_steps(value)
+        changes = dict(batch_size=batch)
+        if policy and value != values[0]:
+            changes.update(base_batch_tokens=proxy_batch * sequence_tokens,
+                           base_train_tokens=proxy_batch * sequence_tokens * proxy_steps)
+        for k in log2s:
+            if tune == 'lr':
+                grid[value, k] = setting('mup', width, k, steps, **changes)
+            else:
+                grid[value, k] = setting('mup', width, log2_lr, steps, weight_decay=2.0 ** k, **changes)
+    return grid
+
+
+def fit_optimum(log2s, losses, points=5):
+    """(x, loss there): the vertex of the parabola through the `points` finite grid points around
+    the lowest loss, kept within them; the lowest point itself where the curve is not convex
+    there. log2s ascending; a diverged run (inf) is left out."""
+    import numpy as np
+    finite = [(x, loss) for x, loss in zip(log2s, losses) if math.isfinite(loss)]
+    xs, ys = np.array([x for x, _ in finite]), np.array([y for _, y in finite])
+    i = int(ys.argmin())
+    if len(xs) < 3:
+        return float(xs[i]), float(ys[i])
+    lo = max(0, min(i - points // 2, len(xs) - points))
+    window_x, window_y = xs[lo:lo + points], ys[lo:lo + points]
+    a, b, c = np.polyfit(window_x, window_y, 2)
+    if a <= 0:
+        return float(xs[i]), float(ys[i])
+    x = float(np.clip(-b / (2 * a), window_x[0], window_x[-1]))
+    return x, float(np.polyval([a, b, c], x))
+
+
+def bootstrap_optima(log2s, per_seed, resamples=1000, seed=0):
+    """fit_optimum of the seeds' mean loss over `resamples` resamples of the seeds (with
+    replacement, the same seeds at every grid point: a seed's curve moves as one)."""
+    import numpy as np
+    losses = np.array(per_seed, dtype=float) # (grid points, seeds)
+    rng = np.random.default_rng(seed)
+    n = losses.shape[1]
+    return np.array([fit_optimum(log2s, losses[:, rng.integers(0, n, n)].mean(1))[0] for _ in range(resamples)])
+
+
+def axis_study(values, log2s, per_seed, interval=90, resamples=1000):
+    """per_seed: {value: [[loss per seed] per grid point]}. For each value: the optimum (fit of the
+    seeds' mean) and its bootstrap interval, the fitted lowest loss, and the loss given up by
+    using the first value's optimum there (the mean curve, interpolated, at the first optimum
+    minus at its own: 0 at the first value); and the exponent, the slope of the optimum against
+    log2 of the value, with its interval, over all the values and between each two neighbours
+    (a rule can hold on part of the axis: below the critical batch, say)."""
+    import numpy as np
+    tails = ((100 - interval) / 2, (100 + interval) / 2)
+    rows, draws = [], []
+    for value in values:
+        mean = np.array(per_seed[value], dtype=float).mean(1)
+        optimum, lowest = fit_optimum(log2s, mean)
+        draw = bootstrap_optima(log2s, per_seed[value], resamples)
+        draws.append(draw)
+        rows.append(dict(value=value, optimum=optimum, interval=list(np.percentile(draw, tails)), lowest=lowest,
+                         mean=list(mean)))
+    transferred = rows[0]['optimum']
+    for row in rows:
+        finite = [(x, y) for x, y in zip(log2s, row['mean']) if math.isfinite(y)]
+        curve = lambda x: float(np.interp(x, [x for x, _ in finite], [y for _, y in finite]))
+        row['given_up'] = curve(transferred) - curve(row['optimum'])
+
+    def exponent(first, last):
+        logs = np.log2(values[first:last + 1])
+        slope = lambda optima: float(np.polyfit(logs, optima[first:last + 1], 1)[0])
+        slopes = [slope([draw[r] for draw in draws]) for r in range(resamples)]
+        return dict(values=[values[first], values[last]], value=slope([row['optimum'] for row in rows]),
+                    interval=list(np.percentile(slopes, tails)))
+    return dict(rows=rows, exponent=exponent(0, len(values) - 1),
+                segments=[exponent(i, i + 1) for i in range(len(values) - 1)] if len(values) > 2 else [],
+                interval_percent=interval, log2s=list(log2s))
+
+
+def report_axis(study, axis, tune, policy):
+    unit = 'log2 lr' if tune == 'lr' else 'log2 weight decay'
+    print(f"\nthe best {unit} along {axis}{' (in the proxy units, the policy on)' if policy else ''}, "
+          f"{study['interval_percent']}% bootstrap intervals over seeds:")
+    timescale = f" {'1/(lr wd)':>10}" if 'timescale_fraction' in study['rows'][0] else '' # of the run's steps
+    print(f"{axis:>12} {'optimum':>9} {'interval':>17} {'lowest loss':>12} {'given up':>9}{timescale}")
+    for r in study['rows']:
+        timescale = f" {r['timescale_fraction']:>10.3f}" if 'timescale_fraction' in r else ''
+        print(f"{r['value']:>12} {r['optimum']:>9.2f} [{r['interval'][0]:>6.2f}, {r['interval'][1]:>6.2f}] "
+              f"{r['lowest']:>12.4f} {r['given_up']:>9.4f}{timescale}")
+    optima = [r['optimum'] for r in study['rows']]
+    edge = [r['value'] for r in study['rows'] if r['optimum'] in (study['log2s'][0], study['log2s'][-1])]
+    if edge:
+        print(f"the optimum is on the grid's edge at {axis} {edge}: a bound, not a measurement; widen the grid")
+    print(f"optimum moves {max(optima) - min(optima):.2f} ({unit}) over {axis} {study['rows'][0]['value']}.."
+          f"{study['rows'][-1]['value']}; slope against log2 {axis} (the exponent):")
+    for e in [study['exponent'], *study['segments']]:
+        print(f"  {e['values'][0]:>6}..{e['values'][1]:<6} {e['value']:+.3f} [{e['interval'][0]:+.3f}, "
+              f"{e['interval'][1]:+.3f}]")
+
+
+def plot_axis(study, axis, tune, title, path):
+    """The optimum (with its interval) and the loss given up by transferring, against the axis."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = study['rows']
+    values = [r['value'] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    errors = [[r['optimum'] - r['interval'][0] for r in rows], [r['interval'][1] - r['optimum'] for r in rows]]
+    left.errorbar(values, [r['optimum'] for r in rows], yerr=errors, marker='o', capsize=4)
+    left.axhline(rows[0]['optimum'], color='gray', ls=':', label='the proxy\'s, transferred')
+    left.set(xscale='log', xlabel=axis, ylabel=f"best log2 {'lr' if tune == 'lr' else 'weight decay'}")
+    left.legend(fontsize=8)
+    right.plot(values, [r['given_up'] for r in rows], marker='o')
+    right.set(xscale='log', xlabel=axis, ylabel='val loss given up by transferring')
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 if __name__ == '__main__':
     from configurator import configure
     from errors import UserError
@@ -132,6 +282,52 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
+    if sum(map(bool, (depths, batch_sizes, lengths))) > 1:
+        raise UserError("set one of depths, batch_sizes and lengths: a sweep goes along one axis")
+    if tune not in ('lr', 'weight_decay'):
+        raise UserError(f"tune={tune!r}: use 'lr' or 'weight_decay'")
+    if batch_sizes or lengths:
+        axis = 'batch_size' if batch_sizes else 'max_iters'
+        values = batch_sizes or lengths
+        log2s = log2_lrs if tune == 'lr' else log2_wds
+        if len(values) < 2 or sorted(values) != list(values):
+            raise UserError(f"{axis} values {values}: give at least two, ascending (the first is the proxy's)")
+        if width % n_head:
+            raise UserError(f"width={width} must be a multiple of n_head={n_head}")
+        sequence_tokens = setup['block_size'] * setup['gradient_accumulation_steps']
+        if batch_sizes and any(tokens % (b * sequence_tokens) for b in batch_sizes):
+            raise UserError(f"tokens={tokens} must be a whole number of steps at every batch size: a multiple of "
+                            f"batch_size x {sequence_tokens} for each of {batch_sizes}")
+        grid = axis_grid(axis, values, sorted(log2s), width, setup['batch_size'], sequence_tokens, tokens, tune,
+                         log2_lr, policy)
+        for d in ('results', 'assets'):
+            os.makedirs(os.path.join(out_dir, d), exist_ok=True)
+        runner = Runner(os.path.join(out_dir, 'results', f'{out}.json'), dict(setup, device=device), seeds, jobs,
+                        threads, reuse)
+        print(runner.describe())
+        with runner:
+            losses = runner.per_seed(list(grid.values()))
+        print(runner.summary())
+        per_seed = {}
+        for (value, _), seed_losses in zip(grid, losses):
+            per_seed.setdefault(value, []).append(seed_losses)
+        study = axis_study(values, sorted(log2s), per_seed)
+        if tune == 'weight_decay' and not policy:
+            for row in study['rows']: # AdamW's timescale 1 / (lr x wd) in iterations, as a fraction of the run
+                iterations = grid[row['value'], log2s[0]]['max_iters']
+                row['timescale_fraction'] = 2.0 ** -(log2_lr + row['optimum']) / iterations
+        report_axis(study, axis, tune, policy)
+        fit_path = os.path.join(out_dir, 'results', f'{out}_fit.json')
+        with open(fit_path, 'w') as f:
+            json.dump(dict(axis=axis, tune=tune, policy=policy, width=width, seeds=seeds, **study),
+                      f, indent=1)
+        png = os.path.join(out_dir, 'assets', f'{out}.png')
+        what = f"{setup['optimizer']}, μP width {width} (base {base_width}), {len(seeds)} seeds" + (
+            f", {tokens:,} tokens" if axis == 'batch_size' else f", batch {setup['batch_size']}") + (
+            ", the policy on" if policy else "")
+        plot_axis(study, axis, tune, f"the best {tune} along {axis}: {what}", png)
+        print(f"\nwrote {fit_path} and {png}")
+        sys.exit(0)
     if depths:
         if n_layer not in depths:
             raise UserError(f"depths={depths} must include n_layer={n_layer}: the base depth of the depth scalings, "

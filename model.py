@@ -64,6 +64,9 @@ class GPTConfig:
     mup_scale_weight_decay: bool = True
     # hidden lr / m**exponent: 1 is muP; other values only for the finite-width study
     mup_hidden_lr_exponent: float = 1.0
+    # the embeddings' (wte, wpe) Adam lr x this: 1 under SP and muP; n_embd / base width is the SP
+    # control of Kalra & Barkeshli 2026 (mup_payoff.py), which raises that lr alone
+    embedding_lr_mult: float = 1.0
     # depth muP (CompleteP, docs/mup.md): 0 = off; else the depth the hyperparameters were tuned at
     mup_base_depth: int = 0
     # residual branches x (n_layer / mup_base_depth)^-alpha: 1 = CompleteP, 0.5 = depth-muP

@@ -163,6 +163,8 @@ def param_groups(model, weight_decay, optimizer='adamw', muon_lr_mult=1.0):
             if rule.decayed and c.mup_scale_weight_decay:
                 decay = weight_decay / width_lr # x m where the lr is / m: lr x decay stays put
         lr_scale = width_lr
+        if info.kind == 'embedding' and not info.in_block: # wte, wpe
+            lr_scale = width_lr * c.embedding_lr_mult # 1 but in SP's embedding-lr control
         if info.in_block:
             lr_scale = width_lr * depth_lr
         # CompleteP's Adam eps: / m_N everywhere, and / m_L^alpha inside the residual

@@ -115,7 +115,9 @@ def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
     """For each horizon: tune muP at the base width and search SP's lr at every width (all in
     parallel); then run muP at every width with the base width's values, and, as the control
     for what the multipliers alone buy, search SP's lr at every width with muP's tuned
-    multipliers and init std (at the base width SP and muP are the same model)."""
+    multipliers and init std (at the base width SP and muP are the same model), and SP with only
+    its embeddings' lr raised by the width ratio (Kalra & Barkeshli 2026, arXiv 2605.21486: with
+    AdamW most of muP's gain), at its own best lr."""
     with ThreadPoolExecutor(len(horizons) * (1 + len(widths))) as searches:
         tuned = {it: searches.submit(tune_mup, runner, base_width, it, _START_LOG2_LR, muon_lr_mult)
                  for it in horizons}
@@ -125,8 +127,13 @@ def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
         sp_mults = {(it, w): searches.submit(sp_best_lr, runner, w, it, tuned[it][0]['log2_lr'],
                                              multipliers(tuned[it][0]))
                     for it in horizons for w in widths}
+        # Kalra & Barkeshli's control: SP with only the embeddings' lr raised by the width ratio
+        sp_embed = {(it, w): searches.submit(sp_best_lr, runner, w, it, _START_LOG2_LR,
+                                             dict(NEUTRAL, embedding_lr_mult=w / base_width))
+                    for it in horizons for w in widths}
         sp = {k: f.result() for k, f in sp.items()}
         sp_mults = {k: f.result() for k, f in sp_mults.items()}
+        sp_embed = {k: f.result() for k, f in sp_embed.items()}
     summary = []
     for it in horizons:
         hp, _, lr_only, trace = tuned[it]
@@ -134,7 +141,8 @@ def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
         mup_lr = runner.evaluate([setting('mup', w, it=it, **lr_only) for w in widths])
         summary.append(dict(max_iters=it, tuned=hp, lr_only=lr_only, search=trace, rows=[
             dict(width=w, sp_log2_lr=sp[it, w][0], sp=sp[it, w][1], sp_mults_log2_lr=sp_mults[it, w][0],
-                 sp_mults=sp_mults[it, w][1], mup_lr_only=a, mup_tuned=b)
+                 sp_mults=sp_mults[it, w][1], sp_embed_log2_lr=sp_embed[it, w][0], sp_embed=sp_embed[it, w][1],
+                 mup_lr_only=a, mup_tuned=b)
             for w, a, b in zip(widths, mup_lr, mup_tuned)]))
     return summary
 
@@ -146,10 +154,12 @@ def report_tune(summary, base_width):
               f"init_std {hp['init_std']:g}"
               + (f", Muon lr x{hp['muon_lr_mult']:g}" if 'muon_lr_mult' in hp else '')
               + f" (lr only: 2^{s['lr_only']['log2_lr']})")
-        print(f"{'width':>6} {'SP own best lr':>18} {'SP + muP mults':>18} {'μP lr only':>11} {'μP tuned':>9}")
+        print(f"{'width':>6} {'SP own best lr':>18} {'SP + muP mults':>18} {'SP + embedding lr':>18} "
+              f"{'μP lr only':>11} {'μP tuned':>9}")
         for r in s['rows']:
             print(f"{r['width']:>6} {r['sp']:>10.3f} (2^{r['sp_log2_lr']}) "
-                  f"{r['sp_mults']:>10.3f} (2^{r['sp_mults_log2_lr']}) {r['mup_lr_only']:>11.3f} {r['mup_tuned']:>9.3f}")
+                  f"{r['sp_mults']:>10.3f} (2^{r['sp_mults_log2_lr']}) "
+                  f"{r['sp_embed']:>10.3f} (2^{r['sp_embed_log2_lr']}) {r['mup_lr_only']:>11.3f} {r['mup_tuned']:>9.3f}")
 
 def plot_tune(summary, base_width, muon, path):
     import matplotlib
@@ -160,6 +170,7 @@ def plot_tune(summary, base_width, muon, path):
         ws = [r['width'] for r in s['rows']]
         for key, label, style in (('sp', 'SP, own best lr per width', 'o-'),
                                   ('sp_mults', 'SP + μP\'s tuned multipliers, own best lr', 'o:'),
+                                  ('sp_embed', 'SP, embedding lr x width ratio, own best lr', 'd-.'),
                                   ('mup_lr_only', 'μP, base-width lr', 's--'),
                                   ('mup_tuned', 'μP, all base-width hparams', '^-')):
             ax.plot(ws, [r[key] for r in s['rows']], style, label=label)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from configurator import model_settings
 from errors import UserError
 from model import load_attn_cls
+import transfer
 
 _TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
@@ -48,6 +49,17 @@ REFERENCE = dict(
     optimizer='adamw',
     muon_lr_mult=1.0, # the Muon group's lr is the lr x muon_lr_mult
     muon_momentum=0.95, # Muon's momentum
+    beta1=0.9, # AdamW's first-moment decay
+    beta2=0.99, # AdamW's second-moment decay
+    gradient_accumulation_steps=1, # micro-batches per step
+    decay_lr=True, # warmup then a cosine to lr x min_lr_fraction; False: constant after warmup
+    min_lr_fraction=0.1, # the cosine's floor, as a fraction of the lr
+    # tune small, train big along the batch and the length (train.py, transfer.py): 0 = off
+    base_batch_tokens=0, # the proxy's tokens per step
+    base_train_tokens=0, # the proxy's tokens in all
+    batch_lr_exponent=transfer.BATCH_LR_EXPONENT, # lr x (B / base_batch_tokens)^this
+    length_lr_exponent=transfer.LENGTH_LR_EXPONENT, # lr x (D / base_train_tokens)^-this
+    critical_batch_tokens=0, # the batch rule's bound (0: none)
     # the model: every GPTConfig field (train.py's defaults, but 2 layers of 4 heads and 64 tokens),
     # but the width and base width each run sets (width, base_width)
     **model_settings('n_embd', 'mup_base_width', n_layer=2, n_head=4, block_size=64, bias=False),
@@ -64,20 +76,28 @@ _KEYED = ('adam_eps', 'base_width', 'batch_size', 'block_size', 'dataset', 'eval
           'mup_hidden_lr_exponent', 'mup_scale_weight_decay', 'n_head', 'n_layer', 'warmup_iters', 'weight_decay',
           'param', 'width', 'seed', 'max_iters', *MUP_HPARAMS, 'device')
 _MUP_ONLY = ('base_width', 'mup_scale_weight_decay', 'mup_hidden_lr_exponent') # an SP run ignores them
+# without a proxy (base_batch_tokens and base_train_tokens 0) transfer.py ignores them
+_TRANSFER_ONLY = ('batch_lr_exponent', 'length_lr_exponent', 'critical_batch_tokens')
 _STEP_LINE = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$', re.M)
 
 
 def run_key(run):
-    """The cache key of a run: every setting that changes its outcome, and no other."""
+    """The cache key of a run: every setting that changes its outcome, and no other. A whole
+    number is keyed as an int, so that a grid of half steps (-7.0, -7.5) finds the runs of a grid
+    of whole ones (-7)."""
     fields = {k: run[k] for k in _KEYED}
     if run['param'] == 'sp': # one SP run serves every muP-only variant (e.g. each base width of --study=causes)
         fields.update(dict.fromkeys(_MUP_ONLY))
+    no_proxy = not run.get('base_batch_tokens') and not run.get('base_train_tokens')
     for k, default in REFERENCE.items(): # without depth scaling alpha means nothing
         if k in _KEYED or (k == 'mup_depth_alpha' and not run.get('mup_base_depth')):
             continue
+        if k in _TRANSFER_ONLY and no_proxy:
+            continue
         if run.get(k, default) != default:
             fields[k] = run[k]
-    return json.dumps(fields)
+    whole = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
+    return json.dumps({k: whole(v) for k, v in fields.items()})
 
 
 def train(run, threads):
@@ -86,10 +106,11 @@ def train(run, threads):
     it = run['max_iters']
     lr = 2.0 ** run['log2_lr']
     base_width = run['base_width'] if run['param'] == 'mup' else 0 # 0: SP
-    args = {k: run[k] for k in REFERENCE if k != 'base_width'} # train.py's settings, the model's among them
+    # train.py's settings, the model's among them
+    args = {k: run.get(k, REFERENCE[k]) for k in REFERENCE if k not in ('base_width', 'min_lr_fraction')}
     args.update(device=run['device'], compile=False, n_embd=run['width'], mup_base_width=base_width,
-                learning_rate=lr, min_lr=lr / 10, max_iters=it, lr_decay_iters=it, eval_interval=it,
-                log_interval=it, seed=run['seed'], always_save_checkpoint=False)
+                learning_rate=lr, min_lr=lr * run.get('min_lr_fraction', 0.1), max_iters=it, lr_decay_iters=it,
+                eval_interval=it, log_interval=it, seed=run['seed'], always_save_checkpoint=False)
     out_dir = tempfile.mkdtemp(prefix='sweep_run_') # train.py saves a checkpoint whenever val improves
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.time()
@@ -204,6 +225,11 @@ class Runner:
 
     def evaluate(self, settings):
         """The mean val loss over seeds of each setting (see `setting`)."""
+        return [sum(losses) / len(losses) for losses in self.per_seed(settings)]
+
+    def per_seed(self, settings):
+        """The val loss of each setting at each seed, [[loss per seed] per setting]; a diverged
+        run is inf."""
         records = self.run_all([dict(s, seed=seed) for s in settings for seed in self.seeds])
         n = len(self.seeds)
-        return [sum(map(val, records[i * n:(i + 1) * n])) / n for i in range(len(settings))]
+        return [[val(r) for r in records[i * n:(i + 1) * n]] for i in range(len(settings))]

@@ -94,8 +94,8 @@ min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchi
 # batch or length, and the run derives its own from them; 0 = off (that axis is the proxy's)
 base_batch_tokens = 0 # tokens per optimizer step of the tuning run
 base_train_tokens = 0 # total training tokens of the tuning run
-batch_lr_exponent = 0.5 # lr x (B / base_batch_tokens)^this below the critical batch (the SDE's 1/2)
-length_lr_exponent = 0.0 # lr x (D / base_train_tokens)^-this (0: the best lr did not move with length here)
+batch_lr_exponent = transfer.BATCH_LR_EXPONENT # lr x (B / base_batch_tokens)^this below the critical batch
+length_lr_exponent = transfer.LENGTH_LR_EXPONENT # lr x (D / base_train_tokens)^-this
 critical_batch_tokens = 0 # the lr stops growing with the batch above this many tokens a step (0: no bound)
 # ---- FSDP2
 # under torchrun: shard parameters, gradients and optimizer state over the processes instead of

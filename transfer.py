@@ -5,9 +5,11 @@ and the training tokens D. With the proxy's B0 (base_batch_tokens) and D0 (base_
 given, `transfer` derives the run's learning rate, betas, weight decay and Adam eps from the
 proxy's tuned values by the rules of docs/mup.md, "Beyond width and depth", each with its source:
 
-- lr x (min(B, B_crit) / B0)^a: the square-root rule of Adam's SDE (Malladi et al. 2022, a = 1/2),
+- lr x (min(B, B_crit) / B0)^a: the square-root rule of Adam's SDE (Malladi et al. 2022, a = 1/2;
+  0.45 measured here),
   valid below the critical batch B_crit (McCandlish et al. 2018), above which the lr stops growing;
-- lr x (D / D0)^-gamma: the optimal lr falls with the token horizon (Bjorck et al. 2024);
+- lr x (D / D0)^-gamma: the optimal lr falls with the token horizon (Bjorck et al. 2024; here it did
+  not: gamma = 0);
 - beta' = beta^(B / B0) for AdamW's beta1 and beta2 and Muon's momentum: each EMA's half-life
   held in tokens (Busbridge et al. 2023);
 - eps x (B0 / B)^(1/2): the SDE's scaling of Adam's eps (Malladi et al. 2022);
@@ -20,6 +22,13 @@ one given, bitwise.
 """
 
 from typing import NamedTuple
+
+# The exponents measured here (docs/mup.md, "Beyond width and depth"; results/axis_*_fit.json):
+# AdamW, muP width 128, Tiny Shakespeare, 3 seeds. Below the critical batch the best lr grew as
+# batch^0.455 [0.365, 0.491] (batch 4 -> 16 sequences at 614,400 tokens); along the length it
+# did not fall: 600 -> 2,400 steps gave an exponent of 0.02 [-0.03, 0.03] (150 -> 600: -0.20).
+BATCH_LR_EXPONENT = 0.45
+LENGTH_LR_EXPONENT = 0.0
 
 
 class Hyperparameters(NamedTuple):
@@ -34,7 +43,7 @@ class Hyperparameters(NamedTuple):
 
 
 def transfer(tuned, batch_tokens, train_tokens, base_batch_tokens=0, base_train_tokens=0,
-             batch_lr_exponent=0.5, length_lr_exponent=0.0, critical_batch_tokens=0):
+             batch_lr_exponent=BATCH_LR_EXPONENT, length_lr_exponent=LENGTH_LR_EXPONENT, critical_batch_tokens=0):
     """The run's Hyperparameters, from the proxy's `tuned` ones, for a run of batch_tokens tokens a
     step and train_tokens in all. A base setting of 0 is off: that axis is taken not to change.
     critical_batch_tokens = 0: no bound on the batch rule."""

@@ -1,7 +1,11 @@
 # GPT-2 124M (12 x 768, 12 heads, block 1024) on OpenWebText, with muP relative to a 12 x 192
-# proxy (the same 12 heads, of dim 16: m = 4). muTransfer in two steps (README, "GPT-2 124M"):
+# proxy (the same 12 heads, of dim 16: m = 4). muTransfer in two steps (README, "Scaling up"):
 # tune the muTransfer hyperparameters on the proxy with mup_payoff.py --study=tune, on this data,
-# then train this model with the values found, unchanged.
+# then train this model with the values found. The proxy this config expects: width 192, 12 layers,
+# 12 sequences of 1024 tokens a step (12,288 tokens), 2,000 steps (24.6M tokens), weight decay 0.1
+# and beta2 0.95 as below. Width and depth carry by muP; the batch (40x) and the length (12,000x)
+# by the rules of transfer.py (base_batch_tokens, base_train_tokens below): train.py derives this
+# run's lr, betas, eps and weight decay from the proxy's values and prints them.
 # Tuned here: nothing yet. The learning rate, mup_output_mult, mup_attn_mult, mup_input_mult and
 # init_std below are the neutral defaults and nanoGPT's SP lr, not values measured on the proxy:
 # replace them with the proxy's (or pass them as --key=value). The batch, schedule, betas and
@@ -45,7 +49,11 @@ mup_output_mult = 1.0
 mup_attn_mult = 1.0
 mup_input_mult = 1.0
 
-# AdamW as nanoGPT's GPT-2 recipe
+# AdamW as nanoGPT's GPT-2 recipe: the values the proxy runs with
 weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
+
+# the proxy's batch and length: the values above are the proxy's, this run derives its own
+base_batch_tokens = 12 * 1024
+base_train_tokens = 12 * 1024 * 2000

@@ -147,7 +147,7 @@ def test_checkpoint_is_loaded_with_a_backend_that_captures(tmp_path):
     args = dataclasses.asdict(model.config) # as train.py saves them
     torch.save({'model': model.state_dict(), 'model_args': args, 'iter_num': 3}, tmp_path / 'ckpt.pt')
     loaded, checkpoint = checkpoints.load_run(str(tmp_path), 'cpu', setting='ckpt')
-    assert aj.trained_on(checkpoint) == 'shakespeare_char' # a checkpoint without train.py's config
+    assert checkpoints.trained_on(checkpoint) == 'shakespeare_char' # a checkpoint without train.py's config
     for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(p, q), name
     from_file, _ = checkpoints.load_run(str(tmp_path / 'ckpt.pt'), 'cpu', setting='ckpt') # the file itself

@@ -6,8 +6,11 @@ import math
 import re
 import shutil
 
+import pytest
+
 from conftest import ROOT, ok, run_script, stops_with
 
+import lr_sweep
 import mup_payoff
 from sweep_runner import NEUTRAL, REFERENCE, run_key, setting
 
@@ -27,6 +30,16 @@ def test_cache_key_ignores_what_sp_ignores():
     for change in (dict(adam_eps=1e-12), dict(weight_decay=0.1), dict(n_head=1), dict(init_std=0.04),
                    dict(width=64), dict(optimizer='muon'), dict(mup_base_depth=2)):
         assert run_key(run('sp')) != run_key(run('sp', **change))
+
+
+def test_cache_key_ignores_the_transfer_rules_without_a_proxy():
+    """Without base_batch_tokens and base_train_tokens transfer.py changes nothing: a batch sweep
+    with the policy on finds the proxy's runs among the policy-off sweep's."""
+    proxy = dict(base_batch_tokens=1024, base_train_tokens=614400)
+    for change in (dict(critical_batch_tokens=1024), dict(batch_lr_exponent=0.25), dict(length_lr_exponent=0.3)):
+        assert run_key(run('mup')) == run_key(run('mup', **change))
+        assert run_key(run('mup', **proxy)) != run_key(run('mup', **proxy, **change))
+    assert run_key(run('mup')) != run_key(run('mup', **proxy))
 
 
 def counts(stdout):
@@ -93,3 +106,74 @@ def test_tune_walks_each_hyperparameter_to_its_optimum():
     assert hp == optimum and loss == 0
     assert lr_only == dict(NEUTRAL, log2_lr=-6, muon_lr_mult=1.0) # after the first coordinate, the lr
     assert [name for name, _, _ in trace] == ['log2_lr', *NEUTRAL, 'muon_lr_mult', 'log2_lr']
+
+
+# ---- the batch and length axes: the optimum as a continuous value, with intervals over seeds
+
+HALF_STEPS = [-9.0, -8.5, -8.0, -7.5, -7.0, -6.5, -6.0, -5.5]
+
+
+def bowl(optimum, depth=2.0, curvature=0.1):
+    return [curvature * (x - optimum) ** 2 + depth for x in HALF_STEPS]
+
+
+def test_the_optimum_is_the_vertex_between_grid_points():
+    x, loss = lr_sweep.fit_optimum(HALF_STEPS, bowl(-7.3))
+    assert x == pytest.approx(-7.3, abs=1e-9) and loss == pytest.approx(2.0, abs=1e-9)
+    curve = bowl(-7.3)
+    curve[0] = math.inf # a diverged run is left out of the fit
+    assert lr_sweep.fit_optimum(HALF_STEPS, curve)[0] == pytest.approx(-7.3, abs=1e-9)
+
+
+def test_the_bootstrap_interval_is_the_spread_of_the_seeds():
+    seeds = [bowl(-7.5), bowl(-7.3), bowl(-7.1)] # one curve per seed
+    per_seed = [list(point) for point in zip(*seeds)] # [[loss per seed] per grid point]
+    draws = lr_sweep.bootstrap_optima(HALF_STEPS, per_seed, resamples=200)
+    assert -7.5 - 1e-9 <= draws.min() < -7.35 and -7.25 < draws.max() <= -7.1 + 1e-9
+    same = [[loss] * 3 for loss in bowl(-7.3)]
+    assert set(lr_sweep.bootstrap_optima(HALF_STEPS, same, resamples=20).round(9)) == {-7.3}
+
+
+def test_the_study_measures_the_exponent_and_the_loss_given_up():
+    """Optima -7, -6, -5 at batch 4, 16, 64 (an exponent of 1/2 against log2 batch): transferring
+    the first one's costs 0.1 x 1^2 at 16 and 0.1 x 2^2 at 64 on curves of curvature 0.1."""
+    values = [4, 16, 64]
+    optima = {4: -7.0, 16: -6.0, 64: -5.0}
+    grid = [-9.0 + 0.5 * i for i in range(12)]
+    per_seed = {v: [[0.1 * (x - optima[v]) ** 2 + 2 + s * 0.001 for s in range(3)] for x in grid] for v in values}
+    study = lr_sweep.axis_study(values, grid, per_seed, resamples=50)
+    assert [r['optimum'] for r in study['rows']] == pytest.approx([-7.0, -6.0, -5.0], abs=1e-6)
+    assert study['exponent']['value'] == pytest.approx(0.5, abs=1e-6)
+    assert [e['values'] for e in study['segments']] == [[4, 16], [16, 64]]
+    assert [e['value'] for e in study['segments']] == pytest.approx([0.5, 0.5], abs=1e-6)
+    assert [r['given_up'] for r in study['rows']] == pytest.approx([0.0, 0.1, 0.4], abs=1e-6)
+
+
+def test_a_batch_sweep_at_fixed_tokens_fits_each_batch_and_applies_the_policy(tmp_path, workdir):
+    (tmp_path / 'data').symlink_to(workdir / 'data')
+    out = ok(run_script('lr_sweep.py', '--dataset=tiny', '--batch_sizes=4,8', '--tokens=512', '--width=32',
+                        '--base_width=16', '--n_layer=1', '--n_head=2', '--block_size=16', '--warmup_iters=1',
+                        '--eval_iters=2', '--log2_lrs=-8,-7,-6', '--seeds=1,2', '--policy=True', '--out=batch',
+                        cwd=tmp_path))
+    assert 'the best log2 lr along batch_size (in the proxy units, the policy on)' in out
+    fit = json.loads((tmp_path / 'out-studies' / 'results' / 'batch_fit.json').read_text())
+    assert [r['value'] for r in fit['rows']] == [4, 8] and fit['axis'] == 'batch_size'
+    records = json.loads((tmp_path / 'out-studies' / 'results' / 'batch.json').read_text())
+    assert {(r['batch_size'], r['max_iters'], r['base_batch_tokens'], r['base_train_tokens']) for r in records} == {
+        (4, 8, 0, 0), (8, 4, 64, 512)} # 512 tokens in all; the proxy (batch 4 x 16 tokens, 8 steps) its own
+    assert len(records) == 12
+
+
+def test_a_weight_decay_sweep_along_the_length_reports_the_adamw_timescale(tmp_path, workdir):
+    (tmp_path / 'data').symlink_to(workdir / 'data')
+    out = ok(run_script('lr_sweep.py', '--dataset=tiny', '--lengths=4,8', '--tune=weight_decay', '--log2_lr=-7',
+                        '--log2_wds=-2,-1,0', '--width=32', '--base_width=16', '--n_layer=1', '--n_head=2',
+                        '--batch_size=4', '--block_size=16', '--warmup_iters=1', '--eval_iters=2', '--seeds=1,2',
+                        '--out=wd', cwd=tmp_path))
+    assert 'the best log2 weight decay along max_iters' in out and '1/(lr wd)' in out
+    records = json.loads((tmp_path / 'out-studies' / 'results' / 'wd.json').read_text())
+    assert {(r['max_iters'], r['weight_decay'], r['log2_lr']) for r in records} == {
+        (it, wd, -7) for it in (4, 8) for wd in (0.25, 0.5, 1.0)}
+    fit = json.loads((tmp_path / 'out-studies' / 'results' / 'wd_fit.json').read_text())
+    for row in fit['rows']: # 1 / (lr x wd) iterations, as a fraction of the run's
+        assert row['timescale_fraction'] == pytest.approx(2.0 ** -(-7 + row['optimum']) / row['value'])

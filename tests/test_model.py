@@ -37,6 +37,14 @@ def test_generate_appends_tokens_and_crops_context():
     assert not torch.equal(model(out[:, -32:])[0], model(out[:, -31:])[0]) # the crop's start matters
 
 
+def test_embedding_lr_mult_raises_the_embeddings_lr_alone():
+    """SP's control of Kalra & Barkeshli: wte and wpe at lr x 4, every other group as before."""
+    lr_scales = lambda model: {g['name']: g['lr_scale'] for g in model.configure_optimizers(0.1, 1e-3, (0.9, 0.99),
+                                                                                          'cpu').param_groups}
+    plain, raised = lr_scales(make()), lr_scales(make(embedding_lr_mult=4.0))
+    assert raised == {**plain, 'embedding': 4.0 * plain['embedding']}
+
+
 def test_mfu_counts_the_weights_that_enter_a_matmul():
     """An untied model's wte is a lookup and its lm_head the readout's matmul: the FLOPs of a tied
     model of the same shape, whose wte is that matmul. Counting the lookup would raise its MFU."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, ok, run_script
-from transfer import Hyperparameters, transfer, wasted_batch
+from transfer import BATCH_LR_EXPONENT, Hyperparameters, transfer, wasted_batch
 
 TUNED = Hyperparameters(learning_rate=3e-3, min_lr=3e-4, beta1=0.9, beta2=0.99, muon_momentum=0.95,
                         weight_decay=0.1, adam_eps=1e-8)
@@ -37,7 +37,7 @@ def test_each_rule_keeps_what_its_source_says():
 def test_the_critical_batch_stops_the_lr_and_says_the_tokens_are_wasted():
     below = transfer(TUNED, 4 * B0, D0, B0, critical_batch_tokens=4 * B0)
     above = transfer(TUNED, 16 * B0, D0, B0, critical_batch_tokens=4 * B0)
-    assert above.learning_rate == below.learning_rate == pytest.approx(2 * TUNED.learning_rate)
+    assert above.learning_rate == below.learning_rate == pytest.approx(4 ** BATCH_LR_EXPONENT * TUNED.learning_rate)
     assert above.beta2 < below.beta2 # the half-lives still follow the batch
     assert wasted_batch(16 * B0, 4 * B0) and not wasted_batch(4 * B0, 4 * B0) and not wasted_batch(16 * B0, 0)
 
@@ -66,7 +66,7 @@ def test_train_py_applies_the_derived_values_and_records_them(workdir):
     assert 'carried from the proxy (64 tokens a step, 1,280 in all) to this run (256, 5,120)' in quarter
     saved = torch.load(out_dir / 'ckpt.pt', weights_only=False)
     derived = saved['transferred']
-    assert derived['learning_rate'] == pytest.approx(3e-3 * 2 * 4 ** -0.5) # TINY_TRAIN's lr 3e-3
+    assert derived['learning_rate'] == pytest.approx(3e-3 * 4 ** BATCH_LR_EXPONENT * 4 ** -0.5) # TINY_TRAIN's lr 3e-3
     assert derived['beta2'] == pytest.approx(0.99 ** 4) and saved['config']['beta2'] == 0.99
     for group in saved['optimizer']['param_groups']:
         assert group['betas'] == pytest.approx((0.9 ** 4, 0.99 ** 4))
