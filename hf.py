@@ -133,6 +133,9 @@ def target(config):
     if config.attn_cls:
         raise ValueError(f"attn_cls={config.attn_cls!r}: a subclass's own attention has no transformers "
                          f"counterpart")
+    if config.n_expert:
+        raise ValueError(f"n_expert={config.n_expert}: the export of a mixture of experts is not written yet; "
+                         f"export a dense model (n_expert=0)")
     if config.pos_emb == 'learned':
         unlike = [(key, value) for key, value in (('norm', config.norm), ('qk_norm', config.qk_norm))
                   if value != {'norm': 'layernorm', 'qk_norm': False}[key]]

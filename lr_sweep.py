@@ -3,8 +3,14 @@ The learning-rate sweep (docs/mup.md invariant 6): where does the best lr go as 
 The final val loss over a x2 lr grid at several widths, SP and muP, as in the muP paper's Figure 1;
 with --depths, across depths at the base width instead, for three depth scalings (none,
 depth-muP, CompleteP). The setup is docs/mup-study.md's reference (sweep_runner.REFERENCE), 150
-steps. Writes <out_dir>/assets/<out>.png and records every run in <out_dir>/results/<out>.json
-(out_dir: a new directory unless --out_dir=. updates the repository's committed files).
+steps. With --batch_sizes (at fixed tokens) or --lengths (steps at a fixed batch), along the
+batch or the length instead, muP at one width, the lr or (--tune=weight_decay) the weight decay,
+with the policy of transfer.py on or off (--policy). Every sweep reports the optimum as a
+continuous value (a parabola through the grid's best points: use half steps), its 90% bootstrap
+interval over --seeds, the slope against log2 of the axis (the exponent) and the loss given up by
+reusing the first value's optimum. Writes <out_dir>/assets/<out>.png and <out>_fit.png, records
+every run in <out_dir>/results/<out>.json and the fit in <out>_fit.json (out_dir: a new directory
+unless --out_dir=. updates the repository's committed files).
 
 $ python lr_sweep.py                                    # the default grid: 56 runs, 19 min on 2 cores
 $ python lr_sweep.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,-9,-8,-7,-6 --device=cuda --jobs=8
@@ -12,6 +18,8 @@ $ python lr_sweep.py --seeds=1337,1338,1339             # several seeds: the bes
 $ python lr_sweep.py --depths=2,4,8,16 --out=lr_transfer_depth   # lr across depth
 $ python lr_sweep.py --optimizer=muon --muon_lr_mult=4 --out=lr_transfer_muon   # Muon for the hidden matrices
 $ python lr_sweep.py --reuse=True                       # take the recorded runs, measure only what is missing
+$ python lr_sweep.py --batch_sizes=4,16,64 --tokens=614400 --log2_lrs=-9.5,-9,-8.5,-8,-7.5,-7,-6.5 --seeds=1337,1338,1339
+$ python lr_sweep.py --lengths=600,2400 --tune=weight_decay --log2_lr=-7.5 --seeds=1337,1338,1339
 
 Run it from the repository root: data/ and out_dir are relative to the working directory, as
 train.py's data/ is. Whether muP pays off against SP tuned at every width is mup_payoff.py's question.
@@ -66,11 +74,13 @@ def depth_grid(depths, log2_lrs, it, width, base_depth):
             for v in DEPTH_VARIANTS for d in depths for k in log2_lrs}
 
 def sweep(runner, grid):
-    """{variant: {size: {log2_lr: mean val loss}}} over a grid of {(variant, size, log2_lr): setting}."""
-    table = {}
-    for (variant, size, log2_lr), loss in zip(grid, runner.evaluate(list(grid.values()))):
-        table.setdefault(variant, {}).setdefault(size, {})[log2_lr] = loss
-    return table
+    """({variant: {size: {log2_lr: mean val loss}}}, {variant: {size: [[loss per seed] per
+    log2_lr]}}) over a grid of {(variant, size, log2_lr): setting}, its lrs ascending."""
+    table, per_seed = {}, {}
+    for (variant, size, log2_lr), losses in zip(grid, runner.per_seed(list(grid.values()))):
+        table.setdefault(variant, {}).setdefault(size, {})[log2_lr] = sum(losses) / len(losses)
+        per_seed.setdefault(variant, {}).setdefault(size, []).append(losses)
+    return table, per_seed
 
 def best(curve):
     """log2 lr of the lowest loss in {log2_lr: loss}."""
@@ -203,7 +213,7 @@ def axis_study(values, log2s, per_seed, interval=90, resamples=1000):
     using the first value's optimum there (the mean curve, interpolated, at the first optimum
     minus at its own: 0 at the first value); and the exponent, the slope of the optimum against
     log2 of the value, with its interval, over all the values and between each two neighbours
-    (a rule can hold on part of the axis: below the critical batch, say)."""
+    (a rule can hold on part of the axis: below the critical batch, say); None for one value."""
     import numpy as np
     tails = ((100 - interval) / 2, (100 + interval) / 2)
     rows, draws = [], []
@@ -226,7 +236,7 @@ def axis_study(values, log2s, per_seed, interval=90, resamples=1000):
         slopes = [slope([draw[r] for draw in draws]) for r in range(resamples)]
         return dict(values=[values[first], values[last]], value=slope([row['optimum'] for row in rows]),
                     interval=list(np.percentile(slopes, tails)))
-    return dict(rows=rows, exponent=exponent(0, len(values) - 1),
+    return dict(rows=rows, exponent=exponent(0, len(values) - 1) if len(values) > 1 else None,
                 segments=[exponent(i, i + 1) for i in range(len(values) - 1)] if len(values) > 2 else [],
                 interval_percent=interval, log2s=list(log2s))
 
@@ -245,6 +255,8 @@ def report_axis(study, axis, tune, policy):
     edge = [r['value'] for r in study['rows'] if r['optimum'] in (study['log2s'][0], study['log2s'][-1])]
     if edge:
         print(f"the optimum is on the grid's edge at {axis} {edge}: a bound, not a measurement; widen the grid")
+    if not study['exponent']: # one value: no slope
+        return
     print(f"optimum moves {max(optima) - min(optima):.2f} ({unit}) over {axis} {study['rows'][0]['value']}.."
           f"{study['rows'][-1]['value']}; slope against log2 {axis} (the exponent):")
     for e in [study['exponent'], *study['segments']]:
@@ -252,20 +264,23 @@ def report_axis(study, axis, tune, policy):
               f"{e['interval'][1]:+.3f}]")
 
 
-def plot_axis(study, axis, tune, title, path):
-    """The optimum (with its interval) and the loss given up by transferring, against the axis."""
+def plot_axis(studies, axis, tune, title, path):
+    """For each of {label: study}: the optimum (with its interval) and the loss given up by
+    transferring the first value's, against the axis."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rows = study['rows']
-    values = [r['value'] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    errors = [[r['optimum'] - r['interval'][0] for r in rows], [r['interval'][1] - r['optimum'] for r in rows]]
-    left.errorbar(values, [r['optimum'] for r in rows], yerr=errors, marker='o', capsize=4)
-    left.axhline(rows[0]['optimum'], color='gray', ls=':', label='the proxy\'s, transferred')
-    left.set(xscale='log', xlabel=axis, ylabel=f"best log2 {'lr' if tune == 'lr' else 'weight decay'}")
+    for label, study in studies.items():
+        rows = study['rows']
+        values = [r['value'] for r in rows]
+        errors = [[r['optimum'] - r['interval'][0] for r in rows], [r['interval'][1] - r['optimum'] for r in rows]]
+        line = left.errorbar(values, [r['optimum'] for r in rows], yerr=errors, marker='o', capsize=4, label=label)
+        left.axhline(rows[0]['optimum'], color=line[0].get_color(), ls=':')
+        right.plot(values, [r['given_up'] for r in rows], marker='o', label=label)
+    left.set(xscale='log', xlabel=axis, ylabel=f"best log2 {'lr' if tune == 'lr' else 'weight decay'} "
+                                               f"(dotted: the first value's, transferred)")
     left.legend(fontsize=8)
-    right.plot(values, [r['given_up'] for r in rows], marker='o')
     right.set(xscale='log', xlabel=axis, ylabel='val loss given up by transferring')
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -282,6 +297,7 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
+    log2_lrs, log2_wds = sorted(log2_lrs), sorted(log2_wds)
     if sum(map(bool, (depths, batch_sizes, lengths))) > 1:
         raise UserError("set one of depths, batch_sizes and lengths: a sweep goes along one axis")
     if tune not in ('lr', 'weight_decay'):
@@ -325,7 +341,7 @@ if __name__ == '__main__':
         what = f"{setup['optimizer']}, μP width {width} (base {base_width}), {len(seeds)} seeds" + (
             f", {tokens:,} tokens" if axis == 'batch_size' else f", batch {setup['batch_size']}") + (
             ", the policy on" if policy else "")
-        plot_axis(study, axis, tune, f"the best {tune} along {axis}: {what}", png)
+        plot_axis({'μP': study}, axis, tune, f"the best {tune} along {axis}: {what}", png)
         print(f"\nwrote {fit_path} and {png}")
         sys.exit(0)
     if depths:
@@ -350,13 +366,22 @@ if __name__ == '__main__':
     runner = Runner(os.path.join(out_dir, 'results', f'{out}.json'), dict(setup, device=device), seeds, jobs, threads, reuse)
     print(runner.describe())
     with runner:
-        table = sweep(runner, grid)
+        table, per_seed = sweep(runner, grid)
     print(runner.summary())
     report_sweep(table, axis, sizes, log2_lrs, max_iters)
+    studies = {NAMES[v]: axis_study(sizes, log2_lrs, per_seed[v]) for v in table}
+    for name, study in studies.items():
+        print(f"\n{name}:", end='')
+        report_axis(study, axis, 'lr', policy=False)
     titles = {v: f'{variant_title(v, base_width, n_layer)}:\n{model}, {max_iters} steps' for v in table}
     optimizer_note = ''
     if setup['optimizer'] == 'muon':
         optimizer_note = f"Muon (lr x{setup['muon_lr_mult']:g}) for the hidden matrices, AdamW for the rest; "
     png = os.path.join(out_dir, 'assets', f'{out}.png')
     plot_sweep(table, axis, sizes, log2_lrs, titles, optimizer_note, png)
-    print(f"\nwrote {png}")
+    fit_path, fit_png = os.path.join(out_dir, 'results', f'{out}_fit.json'), os.path.join(out_dir, 'assets', f'{out}_fit.png')
+    with open(fit_path, 'w') as f:
+        json.dump(dict(axis=axis, tune='lr', seeds=seeds, studies=studies), f, indent=1)
+    plot_axis(studies, axis, 'lr', f"the best lr along {axis}: {optimizer_note}{model}, {max_iters} steps, "
+              f"{len(seeds)} seed(s)", fit_png)
+    print(f"\nwrote {png}, {fit_path} and {fit_png}")

@@ -82,6 +82,14 @@ class GPTConfig:
     # n_embd: gelu's parameters)
     mlp: str = 'gelu'
     n_kv_head: int = 0 # key/value heads: 0 = n_head; fewer is grouped-query attention, 1 multi-query
+    # ---- a mixture of experts in place of each block's MLP (MoE below; docs/mup.md, MoE)
+    n_expert: int = 0 # routed experts per block: 0 = the dense MLP
+    n_expert_active: int = 2 # the experts each token is routed to (token-choice top-k)
+    n_shared_expert: int = 0 # experts every token also goes through (DeepSeek's shared experts)
+    # each expert's hidden width, as a multiple of n_embd (so it grows with width under muP): 0 =
+    # mlp_width / (n_expert_active + n_shared_expert), the dense MLP's active parameters
+    expert_width_mult: float = 0.0
+    moe_aux_loss_coef: float = 0.01 # the load-balancing loss's weight in the training loss (Switch)
     # an ATTN_MODS string ('causal', 'sliding_window:128', 'alibi', ...), or a comma-separated
     # list cycled over the layers
     attn_mod: str = 'causal'
@@ -138,6 +146,14 @@ class GPTConfig:
         for spec in self.attn_mod.split(','):
             parse_attn_mod(spec)
         check_attn_cls(self.attn_cls) # its form and its file; GPT imports it
+        for key in ('n_expert', 'n_shared_expert', 'expert_width_mult', 'moe_aux_loss_coef'):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if self.n_expert and not 1 <= self.n_expert_active <= self.n_expert:
+            raise ValueError(f"n_expert_active={self.n_expert_active} must be in [1, n_expert={self.n_expert}]: "
+                             f"each token goes to that many of the experts")
+        if not self.n_expert and self.n_shared_expert:
+            raise ValueError(f"n_shared_expert={self.n_shared_expert} needs routed experts: set n_expert too")
 
     @property
     def head_dim(self):
@@ -155,6 +171,13 @@ class GPTConfig:
         if self.mlp == 'swiglu':
             return 8 * self.n_embd // 3
         return 4 * self.n_embd
+
+    @property
+    def expert_width(self):
+        """Each expert's hidden width (see expert_width_mult)."""
+        if self.expert_width_mult:
+            return max(1, round(self.expert_width_mult * self.n_embd))
+        return max(1, self.mlp_width // (self.n_expert_active + self.n_shared_expert))
 
     @property
     def base_head_dim(self):
@@ -488,22 +511,28 @@ class ReLUSquared(nn.Module):
         return F.relu(x).square()
 
 
+def activation(mlp):
+    """The nonlinearity of an MLP setting (SwiGLU's is the SiLU of its gate)."""
+    if mlp == 'swiglu':
+        return nn.SiLU()
+    if mlp == 'relu2':
+        return ReLUSquared()
+    return nn.GELU(approximate='tanh' if mlp == 'gelu_tanh' else 'none')
+
+
 class MLP(nn.Module):
     """GPT-2's MLP (GELU, exact or tanh's), ReLU^2, or SwiGLU (Shazeer 2020): silu(x W_gate) * (x W_fc), at the
-    width config.mlp_width. Every matrix is muP-hidden: its fan-in and fan-out grow with width."""
+    width config.mlp_width (or `width`). Every matrix is muP-hidden: its fan-in and fan-out grow with width."""
 
-    def __init__(self, config):
+    def __init__(self, config, width=None):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
+        width = width or config.mlp_width
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_gate = None
         if config.mlp == 'swiglu':
-            self.c_gate = nn.Linear(config.n_embd, config.mlp_width, bias=config.bias)
-            self.act = nn.SiLU()
-        elif config.mlp == 'relu2':
-            self.act = ReLUSquared()
-        else:
-            self.act = nn.GELU(approximate='tanh' if config.mlp == 'gelu_tanh' else 'none')
-        self.c_proj = nn.Linear(config.mlp_width, config.n_embd, bias=config.bias)
+            self.c_gate = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.act = activation(config.mlp)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -515,6 +544,77 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+class MoE(nn.Module):
+    """A mixture of experts in place of the MLP: token-choice top-k routing over n_expert MLPs
+    of config.expert_width, plus n_shared_expert experts every token goes through (one MLP of
+    their summed width). A token's output is the sum of its k experts' outputs weighted by the
+    router's softmax over those k (the softmax over all experts, renormalised over the chosen:
+    Mixtral's and Qwen3-MoE's), plus the shared experts'.
+
+    muP by shape, no names (mup.classify_params): each expert matrix is stored as (n_expert,
+    fan_out, fan_in), a Linear's weight per expert, with fan_in_dim = 2: its fan-in and fan-out
+    grow with width, so it is hidden; the router, Linear(n_embd, n_expert), has only its fan-in
+    growing: an output weight (init sigma / m, lr / m), so its logits stay O(1) as width grows.
+
+    Dispatch without a per-token loop: the (token, expert) pairs are sorted by expert and packed
+    into an (n_expert, capacity, n_embd) batch (capacity: the busiest expert's count, the rest
+    zero-padded), which three batched matmuls run through every expert at once. Experts have no
+    biases. Balance: Switch's auxiliary loss (Fedus et al. 2021), n_expert * sum_i f_i P_i with
+    f_i the share of the routed pairs that went to expert i and P_i its mean router probability
+    (1 when balanced), kept in `aux_loss`; GPT.forward adds it, x moe_aux_loss_coef, to the
+    training loss. Chosen over DeepSeek-V3's bias balancing because it lives in the loss: no state
+    outside the weights, nothing for the training loop, DDP or FSDP to update."""
+
+    def __init__(self, config):
+        super().__init__()
+        n, width, d = config.n_expert, config.expert_width, config.n_embd
+        self.n_expert_active = config.n_expert_active
+        self.router = nn.Linear(d, n, bias=False)
+        self.expert_fc = nn.Parameter(torch.empty(n, width, d))
+        self.expert_gate = nn.Parameter(torch.empty(n, width, d)) if config.mlp == 'swiglu' else None
+        self.expert_proj = nn.Parameter(torch.empty(n, d, width))
+        for p in (self.expert_fc, self.expert_gate, self.expert_proj):
+            if p is not None:
+                p.fan_in_dim = 2 # x @ W[e].T, as a Linear's (fan_out, fan_in) weight
+        # a function, not a submodule: its output is the zero-padded packed batch, whose size
+        # changes every step, which no forward hook (a coordinate check) should read
+        self.act = activation(config.mlp).forward
+        self.shared = MLP(config, config.n_shared_expert * width) if config.n_shared_expert else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.aux_loss = None
+        self.load = None # the routed pairs per expert in the last forward (for the balance plot)
+
+    def forward(self, x):
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        n_tokens, k = tokens.size(0), self.n_expert_active
+        probs = self.router(tokens).float().softmax(-1) # (tokens, n_expert)
+        weights, chosen = probs.topk(k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        expert = chosen.reshape(-1) # the (token, expert) pairs, token-major
+        counts = torch.bincount(expert, minlength=probs.size(-1))
+        self.load = counts.detach()
+        share = counts.float() / expert.numel()
+        self.aux_loss = probs.size(-1) * (share * probs.mean(0)).sum()
+        # pack the pairs by expert: pair j of expert e goes to row e, slot j
+        order = expert.argsort(stable=True)
+        by_expert = expert[order]
+        slot = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[by_expert]
+        token = order // k
+        packed = tokens.new_zeros(probs.size(-1), int(counts.max()), shape[-1])
+        packed[by_expert, slot] = tokens[token]
+        h = packed @ self.expert_fc.mT
+        if self.expert_gate is not None:
+            h = self.act(packed @ self.expert_gate.mT) * h
+        else:
+            h = self.act(h)
+        out = (h @ self.expert_proj.mT)[by_expert, slot] * weights.reshape(-1)[order, None]
+        y = tokens.new_zeros(n_tokens, shape[-1]).index_add_(0, token, out).reshape(shape)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return self.dropout(y)
+
+
 class Block(nn.Module):
 
     def __init__(self, config, attn_cls):
@@ -522,7 +622,7 @@ class Block(nn.Module):
         self.ln_1 = Norm(config.n_embd, config.norm, config.norm_gain, config.bias)
         self.attn = attn_cls(config)
         self.ln_2 = Norm(config.n_embd, config.norm, config.norm_gain, config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
         # CompleteP: each residual branch x m_L^-alpha, so that the residual stream's update stays
         # the same size as depth grows (docs/mup.md, depth); 1 without depth scaling
         self.residual_mult = config.depth_mult ** -config.mup_depth_alpha
@@ -643,6 +743,11 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, 'bias', None) is not None:
                     torch.nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE): # each expert as the dense MLP's matrices
+                for p in (module.expert_fc, module.expert_gate, module.expert_proj):
+                    if p is not None:
+                        std = c.init_std / math.sqrt(2 * residual_depth) if p is module.expert_proj else c.init_std
+                        torch.nn.init.normal_(p, mean=0.0, std=std)
         if not c.tie_weights:
             # docs/mup.md: an untied readout starts at zero (SP too)
             torch.nn.init.zeros_(self.lm_head.weight)
@@ -701,6 +806,8 @@ class GPT(nn.Module):
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
                                    ignore_index=-1)
+            if self.training and self.config.n_expert: # the experts' load balance (MoE)
+                loss = loss + self.config.moe_aux_loss_coef * sum(block.mlp.aux_loss for block in self.transformer.h)
         else:
             # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.lm_head(x[:, [-1], :]) # note: using list [-1] to preserve the time dim
@@ -745,6 +852,10 @@ class GPT(nn.Module):
         if not self.config.tie_weights:
             N -= self.transformer.wte.weight.numel()
         cfg = self.config
+        if cfg.n_expert: # a token goes through n_expert_active of the n_expert routed experts
+            routed = sum(p.numel() for block in self.transformer.h for p in
+                         (block.mlp.expert_fc, block.mlp.expert_gate, block.mlp.expert_proj) if p is not None)
+            N -= routed * (1 - cfg.n_expert_active / cfg.n_expert)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T # the matmuls, then attention's q.k and a.v
         flops_per_fwdbwd = flops_per_token * T

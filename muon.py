@@ -51,24 +51,33 @@ def orthogonalize(matrix, dtype, steps=NS_STEPS, coefficients=NS_COEFFICIENTS, e
     return x
 
 
-def orthogonalize_whole(update, dtype):
-    """orthogonalize(update), on the whole matrix also when `update` is sharded across processes
-    (an FSDP DTensor): gathered, orthogonalized on every process (the same result everywhere), and
-    cut back to this process's rows without communication. Each process holds one full matrix
-    at a time and does all the Newton-Schulz work (docs/mup.md, Muon)."""
-    if hasattr(update, 'full_tensor'): # a DTensor; its module is imported only where there are some
-        from torch.distributed.tensor import distribute_tensor
-        whole = orthogonalize(update.full_tensor(), dtype)
-        return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+def orthogonalize_each(update, dtype):
+    """orthogonalize(update) for a matrix; for a stack of them (n_expert, fan_out, fan_in), each
+    expert's matrix on its own."""
+    if update.dim() == 3:
+        return torch.stack([orthogonalize(matrix, dtype) for matrix in update])
     return orthogonalize(update, dtype)
 
 
+def orthogonalize_whole(update, dtype):
+    """orthogonalize_each(update), on the whole matrix also when `update` is sharded across
+    processes (an FSDP DTensor): gathered, orthogonalized on every process (the same result
+    everywhere), and cut back to this process's rows without communication. Each process holds
+    one full matrix at a time and does all the Newton-Schulz work (docs/mup.md, Muon)."""
+    if hasattr(update, 'full_tensor'): # a DTensor; its module is imported only where there are some
+        from torch.distributed.tensor import distribute_tensor
+        whole = orthogonalize_each(update.full_tensor(), dtype)
+        return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+    return orthogonalize_each(update, dtype)
+
+
 def update_scale(shape):
-    """Keller Jordan's lr adjustment for a (fan_out, fan_in) matrix: an orthogonal update has
-    RMS 1/sqrt(max(fan_out, fan_in)); this keeps the per-coordinate change of the layer's output
-    the same for tall matrices. It does not grow with width at a fixed aspect ratio, which is what
-    lets Muon's lr transfer across width without a 1/m (docs/mup.md, Muon)."""
-    fan_out, fan_in = shape
+    """Keller Jordan's lr adjustment for a (fan_out, fan_in) matrix (or a stack of them, the
+    experts': the last two dims): an orthogonal update has RMS 1/sqrt(max(fan_out, fan_in)); this
+    keeps the per-coordinate change of the layer's output the same for tall matrices. It does not
+    grow with width at a fixed aspect ratio, which is what lets Muon's lr transfer across width
+    without a 1/m (docs/mup.md, Muon)."""
+    fan_out, fan_in = shape[-2:]
     return math.sqrt(max(1.0, fan_out / fan_in))
 
 
@@ -90,7 +99,9 @@ def default_ns_dtype(device):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-d parameters (the hidden matrices). The other parameters belong on AdamW.
+    """Muon for 2-d parameters (the hidden matrices) and 3-d stacks of them (a mixture of
+    experts' (n_expert, fan_out, fan_in), each expert orthogonalized on its own). The other
+    parameters belong on AdamW.
 
     ns_dtype: the dtype of the Newton-Schulz iteration; None picks default_ns_dtype(device) for
     each parameter. With ns_dtype=torch.bfloat16 the step equals torch.optim.Muon's with
@@ -109,9 +120,9 @@ class Muon(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group['params']:
-                if p.dim() != 2:
-                    raise ValueError(f"Muon steps matrices only, got a parameter of shape "
-                                     f"{tuple(p.shape)}: put it on AdamW")
+                if p.dim() not in (2, 3):
+                    raise ValueError(f"Muon steps matrices (or stacks of them) only, got a parameter of "
+                                     f"shape {tuple(p.shape)}: put it on AdamW")
 
     @torch.no_grad()
     def step(self, closure=None):

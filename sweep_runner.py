@@ -57,8 +57,8 @@ REFERENCE = dict(
     # tune small, train big along the batch and the length (train.py, transfer.py): 0 = off
     base_batch_tokens=0, # the proxy's tokens per step
     base_train_tokens=0, # the proxy's tokens in all
-    batch_lr_exponent=transfer.BATCH_LR_EXPONENT, # lr x (B / base_batch_tokens)^this
-    length_lr_exponent=transfer.LENGTH_LR_EXPONENT, # lr x (D / base_train_tokens)^-this
+    batch_lr_exponent=transfer.MEASURED, # lr x (B / base_batch_tokens)^this (-1: the measured one)
+    length_lr_exponent=transfer.MEASURED, # lr x (D / base_train_tokens)^-this (-1: the measured one)
     critical_batch_tokens=0, # the batch rule's bound (0: none)
     # the model: every GPTConfig field (train.py's defaults, but 2 layers of 4 heads and 64 tokens),
     # but the width and base width each run sets (width, base_width)
@@ -89,12 +89,20 @@ def run_key(run):
     if run['param'] == 'sp': # one SP run serves every muP-only variant (e.g. each base width of --study=causes)
         fields.update(dict.fromkeys(_MUP_ONLY))
     no_proxy = not run.get('base_batch_tokens') and not run.get('base_train_tokens')
+    optimizer = run.get('optimizer', REFERENCE['optimizer'])
+    # an exponent left at MEASURED is the optimizer's measured one: keyed by the value it takes
+    used = dict(zip(('batch_lr_exponent', 'length_lr_exponent'), transfer.exponents(
+        optimizer, run.get('batch_lr_exponent', transfer.MEASURED), run.get('length_lr_exponent', transfer.MEASURED))))
+    measured = dict(zip(('batch_lr_exponent', 'length_lr_exponent'), transfer.exponents(optimizer)))
     for k, default in REFERENCE.items(): # without depth scaling alpha means nothing
         if k in _KEYED or (k == 'mup_depth_alpha' and not run.get('mup_base_depth')):
             continue
         if k in _TRANSFER_ONLY and no_proxy:
             continue
-        if run.get(k, default) != default:
+        if k in used:
+            if used[k] != measured[k]:
+                fields[k] = used[k]
+        elif run.get(k, default) != default:
             fields[k] = run[k]
     whole = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v
     return json.dumps({k: whole(v) for k, v in fields.items()})

@@ -94,8 +94,11 @@ min_lr = 1e-4 # minimum learning rate, should be ~= learning_rate/10 per Chinchi
 # batch or length, and the run derives its own from them; 0 = off (that axis is the proxy's)
 base_batch_tokens = 0 # tokens per optimizer step of the tuning run
 base_train_tokens = 0 # total training tokens of the tuning run
-batch_lr_exponent = transfer.BATCH_LR_EXPONENT # lr x (B / base_batch_tokens)^this below the critical batch
-length_lr_exponent = transfer.LENGTH_LR_EXPONENT # lr x (D / base_train_tokens)^-this
+# lr x (B / base_batch_tokens)^this below the critical batch; -1: the one measured here for the
+# optimizer (transfer.MEASURED_EXPONENTS: AdamW 0.45, Muon 0.63)
+batch_lr_exponent = transfer.MEASURED
+# lr x (D / base_train_tokens)^-this; -1: the one measured here for the optimizer (AdamW 0, Muon 0.54)
+length_lr_exponent = transfer.MEASURED
 critical_batch_tokens = 0 # the lr stops growing with the batch above this many tokens a step (0: no bound)
 # ---- FSDP2
 # under torchrun: shard parameters, gradients and optimizer state over the processes instead of
@@ -139,7 +142,7 @@ require(config, 'muon_momentum', 0 <= muon_momentum < 1, 'in [0, 1)')
 for key in ('base_batch_tokens', 'base_train_tokens', 'critical_batch_tokens'):
     require(config, key, config[key] >= 0, 'an integer >= 0 (0 = off)')
 for key in ('batch_lr_exponent', 'length_lr_exponent'):
-    require(config, key, abs(config[key]) < math.inf, 'a finite number')
+    require(config, key, abs(config[key]) < math.inf, f'a finite number ({transfer.MEASURED:g}: the measured one)')
 require(config, 'init_from', init_from in ('scratch', 'resume', *hf.GPT2_SIZES) or os.path.isdir(init_from),
         f"'scratch', 'resume', one of {', '.join(hf.GPT2_SIZES)}, or the path of a directory that "
         f"transformers' GPT2LMHeadModel.save_pretrained wrote")
@@ -210,13 +213,15 @@ if procs.master:
 # the proxy's tuned values carried to this run's batch and length (transfer.py); the values as
 # given stay in `config`, the ones the run uses are these
 tuned = transfer.Hyperparameters(learning_rate, min_lr, beta1, beta2, muon_momentum, weight_decay, adam_eps)
+batch_lr_exponent, length_lr_exponent = transfer.exponents(optimizer, batch_lr_exponent, length_lr_exponent)
 derived = transfer.transfer(tuned, tokens_per_iter, tokens_per_iter * max_iters, base_batch_tokens,
                             base_train_tokens, batch_lr_exponent, length_lr_exponent, critical_batch_tokens)
 learning_rate, min_lr, beta1, beta2, muon_momentum, weight_decay, adam_eps = derived
 if procs.master and (base_batch_tokens or base_train_tokens):
     print(f"carried from the proxy ({base_batch_tokens or tokens_per_iter:,} tokens a step, "
           f"{base_train_tokens or tokens_per_iter * max_iters:,} in all) to this run "
-          f"({tokens_per_iter:,}, {tokens_per_iter * max_iters:,}): "
+          f"({tokens_per_iter:,}, {tokens_per_iter * max_iters:,}; lr exponents {batch_lr_exponent:g} for the "
+          f"batch, {length_lr_exponent:g} for the length): "
           + ', '.join(f"{k} {getattr(tuned, k):.6g} -> {v:.6g}" for k, v in derived._asdict().items()))
 if procs.master and transfer.wasted_batch(tokens_per_iter, critical_batch_tokens):
     print(f"{tokens_per_iter:,} tokens a step is past the critical batch ({critical_batch_tokens:,}): "

@@ -58,6 +58,7 @@ BLOCK_OPTIONS = {
     'swiglu': dict(mlp='swiglu'),
     'gqa': dict(n_kv_head='half'),
     'untied': dict(tie_weights=False),
+    'moe': dict(n_expert=4, n_expert_active=2, n_shared_expert=1), # a mixture of experts for the MLP
     'all': dict(pos_emb='rope', qk_norm=True, norm='rmsnorm', mlp='relu2', n_kv_head='half', tie_weights=False),
 }
 

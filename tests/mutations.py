@@ -88,6 +88,17 @@ MUTATIONS = {
                                 "    half_lives = B / B0 #", "    half_lives = B0 / B #"),
     'decay_timescale_not_held': ("weight decay left as tuned when the lr, the batch or the length change", 'transfer.py',
                                  "        weight_decay=tuned.weight_decay * decay_factor,", "        weight_decay=tuned.weight_decay,"),
+    'critical_batch_ignored': ("the lr keeps growing with the batch past the critical batch", 'transfer.py',
+                               "    lr_batch = B if not critical_batch_tokens else min(B, critical_batch_tokens)",
+                               "    lr_batch = B"),
+    'embedding_lr_mult_on_every_group': ("the SP control's embedding lr multiplier applied to every group", 'mup.py',
+                                         "        lr_scale = width_lr\n",
+                                         "        lr_scale = width_lr * c.embedding_lr_mult\n"),
+    'router_as_embedding': ("the MoE router treated as an embedding (init sigma, lr eta), not an output weight",
+                            'model.py', "        self.router = nn.Linear(d, n, bias=False)\n",
+                            "        self.router = nn.Linear(d, n, bias=False)\n        self.router.weight.fan_in_dim = 0\n"),
+    'expert_fan_in_from_the_expert_dim': ("an expert matrix's fan-in read from its expert dim (n_expert, fixed)",
+                                          'model.py', "p.fan_in_dim = 2 #", "p.fan_in_dim = 0 #"),
     'muon_rms_matched': ("Moonshot's RMS-matched Muon update, 0.2 sqrt(max(A, B)), at a fixed lr", 'muon.py',
                          "return math.sqrt(max(1.0, fan_out / fan_in))",
                          "return 0.2 * math.sqrt(max(fan_out, fan_in))"),
@@ -95,6 +106,7 @@ MUTATIONS = {
 
 # tests that check a formula of model.py directly: they fail too, but do not count as behavioural
 FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_as_mup_says',
+                 'test_experts_are_hidden_and_the_router_an_output_weight_by_shape',
                  'test_hidden_matrices_go_to_muon_without_the_width_rule',
                  'test_subclass_parameters_are_classified_by_shape', 'test_graph_parameters_are_not_hidden_and_get_gradients',
                  'test_untied_readout_starts_at_zero', 'test_router_and_fan_out_only_linear_are_classified_apart',
@@ -102,7 +114,7 @@ FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_a
                  'test_an_output_weight_in_a_block_takes_the_depth_rules_of_a_hidden_matrix')
 MUP_TESTS = ['tests/test_output_weights.py', 'tests/test_mup.py', 'tests/test_model.py', 'tests/test_mods.py', 'tests/test_depth.py',
              'tests/test_muon.py', 'tests/test_graph_attention.py', 'tests/test_kv_cache.py', 'tests/test_modern_block.py',
-             'tests/test_hf.py', 'tests/test_transfer.py']
+             'tests/test_hf.py', 'tests/test_transfer.py', 'tests/test_moe.py']
 
 
 def mutated_copy(name, into):

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, ok, run_script, stops_with
 
 import lr_sweep
+import transfer
 import mup_payoff
 from sweep_runner import NEUTRAL, REFERENCE, run_key, setting
 
@@ -40,6 +41,11 @@ def test_cache_key_ignores_the_transfer_rules_without_a_proxy():
         assert run_key(run('mup')) == run_key(run('mup', **change))
         assert run_key(run('mup', **proxy)) != run_key(run('mup', **proxy, **change))
     assert run_key(run('mup')) != run_key(run('mup', **proxy))
+    # an exponent left to the measured one is keyed as that value: the runs are the same
+    for optimizer in ('adamw', 'muon'):
+        batch, length = transfer.MEASURED_EXPONENTS[optimizer]
+        assert run_key(run('mup', optimizer=optimizer, **proxy)) == run_key(
+            run('mup', optimizer=optimizer, batch_lr_exponent=batch, length_lr_exponent=length, **proxy))
 
 
 def counts(stdout):
@@ -56,6 +62,9 @@ def test_sweep_measures_every_run_again_unless_told_to_reuse(tmp_path, workdir):
     out = tmp_path / 'out-studies' # a new directory: the repository's results/ and assets/ stay as committed
     assert (out / 'assets' / 'tiny.png').exists() and not (tmp_path / 'results').exists()
     assert counts(sweep('--log2_lrs=-8,-7', '--reuse=True')) == (2, 2) # only the new lr is trained
+    fit = json.loads((out / 'results' / 'tiny_fit.json').read_text()) # the optimum with its interval, per arm
+    assert set(fit['studies']) == {'SP', 'μP'} and fit['axis'] == 'width'
+    assert [r['value'] for r in fit['studies']['μP']['rows']] == [16] and (out / 'assets' / 'tiny_fit.png').exists()
     records = json.loads((out / 'results' / 'tiny.json').read_text())
     assert sorted((r['param'], r['log2_lr']) for r in records) == [('mup', -8), ('mup', -7), ('sp', -8), ('sp', -7)]
     assert all(0 < r['val_loss'] < 5 for r in records) # train.py ran to the end

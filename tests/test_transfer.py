@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, ok, run_script
-from transfer import BATCH_LR_EXPONENT, Hyperparameters, transfer, wasted_batch
+from transfer import MEASURED_EXPONENTS, Hyperparameters, exponents, transfer, wasted_batch
+
+BATCH_LR_EXPONENT = MEASURED_EXPONENTS['adamw'][0]
 
 TUNED = Hyperparameters(learning_rate=3e-3, min_lr=3e-4, beta1=0.9, beta2=0.99, muon_momentum=0.95,
                         weight_decay=0.1, adam_eps=1e-8)
@@ -32,6 +34,13 @@ def test_each_rule_keeps_what_its_source_says():
     timescale_fraction = lambda hp, B, D: 1 / (hp.learning_rate * hp.weight_decay) / (D / B)
     assert timescale_fraction(run, 4 * B0, 2 * D0) == pytest.approx(timescale_fraction(TUNED, B0, D0), rel=1e-12)
     assert run.adam_eps == pytest.approx(TUNED.adam_eps / 2, rel=1e-12)
+
+
+def test_each_optimizer_gets_its_measured_exponents_unless_given():
+    assert exponents('adamw') == MEASURED_EXPONENTS['adamw'] and exponents('muon') == MEASURED_EXPONENTS['muon']
+    assert MEASURED_EXPONENTS['adamw'] != MEASURED_EXPONENTS['muon'] # measured apart: docs/mup.md
+    assert exponents('muon', 0.5) == (0.5, MEASURED_EXPONENTS['muon'][1])
+    assert exponents('adamw', length_lr_exponent=0.0) == (MEASURED_EXPONENTS['adamw'][0], 0.0)
 
 
 def test_the_critical_batch_stops_the_lr_and_says_the_tokens_are_wasted():
@@ -63,7 +72,8 @@ def test_train_py_applies_the_derived_values_and_records_them(workdir):
     out_dir = workdir / 'transfer-quarter'
     quarter = ok(run_script('train.py', *args, '--base_batch_tokens=64', f'--base_train_tokens={64 * 20}',
                             '--length_lr_exponent=0.5', f'--out_dir={out_dir}', cwd=workdir))
-    assert 'carried from the proxy (64 tokens a step, 1,280 in all) to this run (256, 5,120)' in quarter
+    assert ('carried from the proxy (64 tokens a step, 1,280 in all) to this run (256, 5,120; lr exponents '
+            f'{BATCH_LR_EXPONENT:g} for the batch, 0.5 for the length)') in quarter # AdamW's measured one, the one given
     saved = torch.load(out_dir / 'ckpt.pt', weights_only=False)
     derived = saved['transferred']
     assert derived['learning_rate'] == pytest.approx(3e-3 * 4 ** BATCH_LR_EXPONENT * 4 ** -0.5) # TINY_TRAIN's lr 3e-3
