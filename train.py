@@ -97,7 +97,7 @@ base_train_tokens = 0 # total training tokens of the tuning run
 # lr x (B / base_batch_tokens)^this below the critical batch; -1: the one measured here for the
 # optimizer (transfer.MEASURED_EXPONENTS: AdamW 0.45, Muon 0.63)
 batch_lr_exponent = transfer.MEASURED
-# lr x (D / base_train_tokens)^-this; -1: the one measured here for the optimizer (AdamW 0, Muon 0.54)
+# lr x (D / base_train_tokens)^-this; -1: the one measured here for the optimizer (AdamW 0, Muon 0.55)
 length_lr_exponent = transfer.MEASURED
 critical_batch_tokens = 0 # the lr stops growing with the batch above this many tokens a step (0: no bound)
 # ---- FSDP2

@@ -9,7 +9,7 @@ proxy's tuned values by the rules of docs/mup.md, "Beyond width and depth", each
   measured here: 0.45 for AdamW, 0.63 for Muon),
   valid below the critical batch B_crit (McCandlish et al. 2018), above which the lr stops growing;
 - lr x (D / D0)^-gamma: the optimal lr falls with the token horizon (Bjorck et al. 2024; here
-  AdamW's did not, gamma = 0; Muon's did, gamma = 0.54);
+  AdamW's did not, gamma = 0; Muon's did, gamma = 0.55);
 - beta' = beta^(B / B0) for AdamW's beta1 and beta2 and Muon's momentum: each EMA's half-life
   held in tokens (Busbridge et al. 2023);
 - eps x (B0 / B)^(1/2): the SDE's scaling of Adam's eps (Malladi et al. 2022);
@@ -28,8 +28,8 @@ from typing import NamedTuple
 # AdamW: below the critical batch the best lr grew as batch^0.455 [0.365, 0.491] (4 -> 16
 # sequences at 614,400 tokens), and stopped there; along the length it did not fall (600 -> 2,400
 # steps: 0.02 [-0.03, 0.03]). Muon: batch^0.63 [0.56, 0.66] over 4 -> 64 sequences; along the
-# length it fell as (D / D0)^-0.54 [0.39, 0.56] over 150 -> 2,400 steps.
-MEASURED_EXPONENTS = {'adamw': (0.45, 0.0), 'muon': (0.63, 0.54)}
+# length it fell as (D / D0)^-0.55 [0.47, 0.79] over 150 -> 2,400 steps.
+MEASURED_EXPONENTS = {'adamw': (0.45, 0.0), 'muon': (0.63, 0.55)}
 MEASURED = -1.0 # an exponent setting's default: this project's measurement for the run's optimizer
 
 

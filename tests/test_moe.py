@@ -116,3 +116,12 @@ def test_mup_moe_coord_check_is_flat_but_the_router_logits_which_lean():
 def test_sp_moe_coord_check_grows():
     s = moe_slopes('sp')
     assert min(s[k] for k in ('h.0.mlp', 'h.1.mlp', 'dh.0.mlp', 'dh.1.mlp', 'h.0.mlp.router')) >= 1.0, s
+
+
+def test_mfu_counts_the_active_experts_only():
+    """A token's matmuls go through n_expert_active of the n_expert routed experts."""
+    flops = lambda k: make_gpt(n_expert=4, n_expert_active=k, expert_width_mult=2.0).estimate_mfu(1, 1.0, 1.0)
+    routed = sum(p.numel() for block in make_gpt(n_expert=4, expert_width_mult=2.0).transformer.h
+                 for p in (block.mlp.expert_fc, block.mlp.expert_proj))
+    T = 32 # TINY's block_size: estimate_mfu counts one sequence of it per forward-backward
+    assert flops(4) - flops(1) == pytest.approx(6 * routed * 3 / 4 * T)
