@@ -573,9 +573,8 @@ class MoE(nn.Module):
         self.expert_fc = nn.Parameter(torch.empty(n, width, d))
         self.expert_gate = nn.Parameter(torch.empty(n, width, d)) if config.mlp == 'swiglu' else None
         self.expert_proj = nn.Parameter(torch.empty(n, d, width))
-        for p in (self.expert_fc, self.expert_gate, self.expert_proj):
-            if p is not None:
-                p.fan_in_dim = 2 # x @ W[e].T, as a Linear's (fan_out, fan_in) weight
+        for p in self.expert_weights():
+            p.fan_in_dim = 2 # x @ W[e].T, as a Linear's (fan_out, fan_in) weight
         # a function, not a submodule: its output is the zero-padded packed batch, whose size
         # changes every step, which no forward hook (a coordinate check) should read
         self.act = activation(config.mlp).forward
@@ -583,6 +582,10 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.aux_loss = None
         self.load = None # the routed pairs per expert in the last forward (for the balance plot)
+
+    def expert_weights(self):
+        """The routed experts' matrices (the gate's only with SwiGLU)."""
+        return [p for p in (self.expert_fc, self.expert_gate, self.expert_proj) if p is not None]
 
     def forward(self, x):
         shape = x.shape
@@ -734,20 +737,16 @@ class GPT(nn.Module):
         c = self.config
         # GPT-2's residual projections / sqrt(2 L), with the base depth's L under CompleteP, so
         # that the init does not change with depth (docs/mup.md, depth)
-        residual_depth = c.mup_base_depth or c.n_layer
+        residual_std = c.init_std / math.sqrt(2 * (c.mup_base_depth or c.n_layer))
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = c.init_std
-                if getattr(module, 'residual_proj', False):
-                    std = c.init_std / math.sqrt(2 * residual_depth)
+                std = residual_std if getattr(module, 'residual_proj', False) else c.init_std
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, 'bias', None) is not None:
                     torch.nn.init.zeros_(module.bias)
             elif isinstance(module, MoE): # each expert as the dense MLP's matrices
-                for p in (module.expert_fc, module.expert_gate, module.expert_proj):
-                    if p is not None:
-                        std = c.init_std / math.sqrt(2 * residual_depth) if p is module.expert_proj else c.init_std
-                        torch.nn.init.normal_(p, mean=0.0, std=std)
+                for p in module.expert_weights():
+                    torch.nn.init.normal_(p, mean=0.0, std=residual_std if p is module.expert_proj else c.init_std)
         if not c.tie_weights:
             # docs/mup.md: an untied readout starts at zero (SP too)
             torch.nn.init.zeros_(self.lm_head.weight)
@@ -853,8 +852,7 @@ class GPT(nn.Module):
             N -= self.transformer.wte.weight.numel()
         cfg = self.config
         if cfg.n_expert: # a token goes through n_expert_active of the n_expert routed experts
-            routed = sum(p.numel() for block in self.transformer.h for p in
-                         (block.mlp.expert_fc, block.mlp.expert_gate, block.mlp.expert_proj) if p is not None)
+            routed = sum(p.numel() for block in self.transformer.h for p in block.mlp.expert_weights())
             N -= routed * (1 - cfg.n_expert_active / cfg.n_expert)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T # the matmuls, then attention's q.k and a.v
