@@ -306,12 +306,15 @@ def modern_block():
 
 
 def block_rows(device, ptdtype):
-    """The training step of the modern main job's block beside GPT-2's, at the main job's shape
-    (its CPU model: 4 x 192, batch 16 x 128, muP base width 64; AdamW for both),
-    timed interleaved. Returns the rows and the modern / GPT-2 ratio of the median step times."""
+    """The training step of the modern main job's block beside GPT-2's and beside the modern block
+    with a mixture of experts at its active parameters (8 experts, top-2, each half the MLP's
+    width), at the main job's shape (its CPU model: 4 x 192, batch 16 x 128, muP base width 64;
+    AdamW for all), timed interleaved. Returns the rows and the ratios of the median step times
+    {'modern / GPT-2', 'MoE / modern'}."""
     base = GPTConfig(block_size=128, vocab_size=vocab_size, n_layer=4, n_head=4, n_embd=192, bias=False,
                      dropout=0.0, mup_base_width=64)
-    blocks = {'gpt2': base, 'modern': replace(base, **modern_block())}
+    modern = replace(base, **modern_block())
+    blocks = {'gpt2': base, 'modern': modern, 'moe': replace(modern, n_expert=8, n_expert_active=2)}
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(vocab_size, (16, 129), generator=g).to(device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -332,14 +335,17 @@ def block_rows(device, ptdtype):
     times = time_interleaved(steps, device, warmup, iters)
     rows = [dict(block=name, settings={k: v for k, v in vars(cfg).items() if getattr(base, k) != v},
                  ms_per_step=statistics.median(times[name])) for name, cfg in blocks.items()]
-    return rows, paired_ratio(times['modern'], times['gpt2'])
+    ratios = {'modern / GPT-2': paired_ratio(times['modern'], times['gpt2']),
+              'MoE / modern': paired_ratio(times['moe'], times['modern'])}
+    return rows, ratios
 
 
-def print_blocks(rows, ratio):
+def print_blocks(rows, ratios):
     print(f"\n{'block':<8}{'ms/step':>9}  settings")
     for r in rows:
         print(f"{r['block']:<8}{r['ms_per_step']:9.1f}  {r['settings'] or 'GPT-2 (learned positions, LayerNorm, GELU)'}")
-    print(f"modern / GPT-2 step time: {ratio:.3f} (median of the paired per-round ratios)")
+    for name, ratio in ratios.items():
+        print(f"{name} step time: {ratio:.3f} (median of the paired per-round ratios)")
 
 
 # ---- generation
@@ -560,8 +566,8 @@ if __name__ == '__main__':
 
     if 'block' in modes:
         print("\nthe modern main job's block beside GPT-2's: 4 x 192, batch 16 x 128, muP (base 64), AdamW")
-        report['block'], report['block_ratio'] = block_rows(device, ptdtype)
-        print_blocks(report['block'], report['block_ratio'])
+        report['block'], report['block_ratios'] = block_rows(device, ptdtype)
+        print_blocks(report['block'], report['block_ratios'])
 
     if 'decode' in modes:
         print(f"\ngeneration: {decode_tokens} tokens after a {decode_prompt}-token prompt, batch 1, greedy, "

@@ -25,6 +25,8 @@ $ python coord_check.py --param=mup --widths=64,256,1024 --steps=5 --lr=3e-2
 $ python coord_check.py --depths=2,4,8,16 --out=coord_check_depth   # depth: none, depth-muP, CompleteP
 $ python coord_check.py --attn_cls=gated_attention.py:HeadwiseGate --widths=64,128,256,512  # your class
 $ python coord_check.py --pos_emb=rope --qk_norm=True --norm=rmsnorm --mlp=relu2 --n_kv_head=2   # a modern block
+$ python coord_check.py --n_expert=4 --n_expert_active=2 --widths=64,128,256,512 --base_width=32   # MoE, 4 experts
+$ python coord_check.py --n_expert=2 --n_expert_active=1 --experts=grow --widths=64,128,256,512 --base_width=32
 
 Writes <out_dir>/assets/<out>.png and <out_dir>/results/<out>.csv (out_dir: a new directory unless
 --out_dir=. updates the repository's committed ones), prints a table of log2-log2 slopes vs width (or
@@ -45,7 +47,7 @@ import torch
 
 from configurator import model_settings
 from data import get_batch, read_meta
-from model import GPT, GPTConfig, MuPFlexAttention, load_attn_cls, set_lr
+from model import GPT, GPTConfig, MoE, MuPFlexAttention, load_attn_cls, set_lr
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _DATA_DIR = os.path.join(_HERE, 'data', 'shakespeare_char')
@@ -64,6 +66,9 @@ lr = 3e-3
 param = 'both' # 'sp' | 'mup' | 'both'
 heads = 'fixed' # 'fixed': n_head fixed, head_dim grows (nanoGPT's --n_embd habit); 'grow': head_dim fixed, n_head grows
 head_dim = 16 # used when heads='grow' (becomes mup_base_head_dim under muP)
+# with --n_expert: 'fixed' keeps n_expert and n_expert_active; 'grow' multiplies both by width /
+# base_width (the number of experts as a width: mup_base_n_expert = n_expert under muP)
+experts = 'fixed'
 base_width = 64 # mup_base_width of the muP models
 # ---- the model: every field of model.GPTConfig is a setting (--help says what each means), but
 # those the check sets itself: n_embd (the widths), mup_base_width (base_width) and
@@ -97,17 +102,26 @@ def fixed_batch(batch_size, block_size, seed):
     return x, y, read_meta(_DATA_DIR)['vocab_size'], 'shakespeare_char train.bin'
 
 def build_model(width, param, heads='fixed', n_layer=2, n_head=4, head_dim=16, base_width=64,
-                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, attn_cls=MuPFlexAttention, **model_args):
+                vocab_size=_RANDOM_VOCAB, block_size=64, seed=1337, attn_cls=MuPFlexAttention, experts='fixed',
+                **model_args):
     """A GPT of n_embd=width, as train.py builds it (no bias, no dropout, tied readout), SP or
     muP relative to base_width. heads='fixed' keeps n_head; heads='grow' keeps head_dim and
     tells muP the base model's head dim (mup_base_head_dim). attn_cls: the attention class (a
-    MuPFlexAttention subclass). model_args: other GPTConfig fields (init_std, the depth scaling's
-    mup_base_depth and mup_depth_alpha, bias and dropout, which are off unless given, ...)."""
+    MuPFlexAttention subclass). experts='grow' (with n_expert): model_args' n_expert and
+    n_expert_active are the base width's, both x width / base_width here, and muP is told the
+    base model's (mup_base_n_expert). model_args: other GPTConfig fields (init_std, the depth
+    scaling's mup_base_depth and mup_depth_alpha, bias and dropout, which are off unless given, ...)."""
     if param not in ('sp', 'mup'):
         raise ValueError(f"param={param!r}: use 'sp' or 'mup'")
     if heads not in ('fixed', 'grow'):
         raise ValueError(f"heads={heads!r}: use 'fixed' (n_head fixed) or 'grow' (head_dim fixed)")
+    if experts not in ('fixed', 'grow'):
+        raise ValueError(f"experts={experts!r}: use 'fixed' (n_expert fixed) or 'grow' (n_expert x width / base_width)")
     mup = param == 'mup'
+    if experts == 'grow' and model_args.get('n_expert'):
+        n_expert, active = model_args['n_expert'], model_args.get('n_expert_active', GPTConfig.n_expert_active)
+        model_args = dict(model_args, n_expert=n_expert * width // base_width,
+                          n_expert_active=active * width // base_width, mup_base_n_expert=n_expert if mup else 0)
     config = GPTConfig(**{**dict(dropout=0.0, bias=False), **model_args}, block_size=block_size,
                        vocab_size=vocab_size, n_layer=n_layer,
                        n_head=n_head if heads == 'fixed' else width // head_dim, n_embd=width,
@@ -132,12 +146,20 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_l
     (microsoft/mup's get_coord_data records every module too, so a layer at fault is named):
     every Linear, Embedding, norm and activation, a subclass's own modules, each block's
     attention ('h.<i>.attn') and MLP, each block (the residual stream after it, 'h.<i>') and the
-    logits. Dropout is left out (the identity here: the check runs without dropout)."""
+    logits; in a mixture of experts also each routed expert's output on every token
+    ('h.<i>.mlp.expert.<e>': the packed batch a token's routing picks is ragged). Dropout is left
+    out (the identity here: the check runs without dropout)."""
     outputs = {}
     hooks = []
     def record(module, inputs, output, name):
         if isinstance(output, torch.Tensor):
             outputs[name] = output.detach()
+        if isinstance(module, MoE): # each routed expert's output, on every token of the batch
+            tokens = inputs[0].detach().reshape(1, -1, inputs[0].size(-1))
+            with torch.no_grad():
+                each = module.experts(tokens.expand(module.router.out_features, -1, -1))
+            for e, out in enumerate(each):
+                outputs[f'{name}.expert.{e}'] = out
     for name, module in model.named_modules():
         if module is model or isinstance(module, torch.nn.Dropout):
             continue
@@ -169,7 +191,7 @@ def measure(model, x, y, lr, steps, betas=(0.9, 0.99), optimizer='adamw', muon_l
 
 def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=None, n_layer=2,
                n_head=4, head_dim=16, base_width=64, progress=None, attn_cls=MuPFlexAttention, model_args=None,
-               **optimizer):
+               experts='fixed', **optimizer):
     """measure() at every width with the same batch and seed, on models of build_model(...,
     attn_cls, **model_args). batch: (x, y, vocab_size), default random tokens. Returns [{'size' (the width), 'h', 'dh', 'losses'}, ...] in the order of `widths`."""
     if len(widths) < 2:
@@ -178,7 +200,7 @@ def run_widths(widths, param, heads='fixed', steps=4, lr=1e-2, seed=1337, batch=
     results = []
     for width in widths:
         model = build_model(width, param, heads, n_layer, n_head, head_dim, base_width,
-                            vocab_size, x.size(1), seed, attn_cls, **(model_args or {}))
+                            vocab_size, x.size(1), seed, attn_cls, experts, **(model_args or {}))
         h, dh, losses = measure(model, x, y, lr, steps, **optimizer)
         results.append(dict(size=width, h=h, dh=dh, losses=losses))
         if progress is not None:
@@ -320,7 +342,7 @@ if __name__ == '__main__':
              if f.name in config and f.name not in ('n_layer', 'n_head', 'block_size', 'attn_cls')}
     try: # the smallest model, to check the settings before any run
         build_model(min(widths), 'mup', heads, n_layer, n_head, head_dim, base_width, attn_cls=attention,
-                    block_size=block_size, **block)
+                    block_size=block_size, experts=experts, **block)
     except ValueError as e:
         raise UserError(str(e)) from None
     if depths and attn_cls:
@@ -342,7 +364,7 @@ if __name__ == '__main__':
             for p in (['sp', 'mup'] if param == 'both' else [param]):
                 all_results[p] = run_widths(widths, p, heads, steps, lr, seed, (x, y, vocab_size), n_layer,
                                             n_head, head_dim, base_width, progress=bar, attn_cls=attention,
-                                            model_args=block)
+                                            model_args=block, experts=experts)
     changed = {k: v for k, v in block.items() if v != defaults[k]}
     print(f"data: {source}; batch {batch_size}x{block_size}; {layout}; Adam lr {lr:g}, {steps} steps; "
           f"muP base width {base_width}; attention {attention.__name__}; block {changed or 'GPT-2'}")

@@ -7,7 +7,9 @@ what the GPT computes:
   SP GPT (or muP at its own width as the base, the same model): from_pretrained, train.py's
   init_from;
 - out: a GPT as GPT2LMHeadModel (GPT-2's block), LlamaForCausalLM (RoPE, RMSNorm, SwiGLU, any
-  n_kv_head) or Qwen3ForCausalLM (the same with QK-norm): to_transformers, export_hf.py.
+  n_kv_head) or Qwen3ForCausalLM (the same with QK-norm), and a mixture of experts of SwiGLU
+  experts without shared ones as MixtralForCausalLM or Qwen3MoeForCausalLM (with QK-norm):
+  to_transformers, export_hf.py.
 
 muP's forward multipliers are constants, so each becomes part of a weight: the input multiplier
 of wte (and wpe), the logit scale's ratio to transformers' 1/sqrt(head_dim) of the query
@@ -121,11 +123,12 @@ def check_gpt2_settings(config):
 
 
 # -----------------------------------------------------------------------------
-# out: GPT-2, Llama, Qwen3
+# out: GPT-2, Llama, Qwen3, Mixtral, Qwen3-MoE
 
 def target(config):
     """The transformers architecture that computes what a model of this config computes:
-    'gpt2', 'llama' or 'qwen3'; a ValueError naming the first setting none of them has."""
+    'gpt2', 'llama', 'qwen3', 'mixtral' or 'qwen3_moe'; a ValueError naming the first setting
+    none of them has."""
     specs = set(config.attn_mod.split(','))
     if specs != {'causal'}:
         raise ValueError(f"attn_mod={config.attn_mod!r}: transformers' GPT-2, Llama and Qwen3 attend causally "
@@ -133,9 +136,10 @@ def target(config):
     if config.attn_cls:
         raise ValueError(f"attn_cls={config.attn_cls!r}: a subclass's own attention has no transformers "
                          f"counterpart")
-    if config.n_expert:
-        raise ValueError(f"n_expert={config.n_expert}: the export of a mixture of experts is not written yet; "
-                         f"export a dense model (n_expert=0)")
+    if config.n_expert and (config.pos_emb, config.norm, config.mlp) != ('rope', 'rmsnorm', 'swiglu'):
+        raise ValueError(f"n_expert={config.n_expert} with pos_emb={config.pos_emb!r}, norm={config.norm!r}, "
+                         f"mlp={config.mlp!r}: transformers' mixtures of experts (Mixtral, Qwen3-MoE) have "
+                         f"RoPE, RMSNorm and SwiGLU experts")
     if config.pos_emb == 'learned':
         unlike = [(key, value) for key, value in (('norm', config.norm), ('qk_norm', config.qk_norm))
                   if value != {'norm': 'layernorm', 'qk_norm': False}[key]]
@@ -156,7 +160,20 @@ def target(config):
     if config.qk_norm and config.bias:
         raise ValueError("bias=True with qk_norm=True: Qwen3 (RoPE with QK-norm) has no MLP biases; "
                          "train with bias=False")
-    return 'qwen3' if config.qk_norm else 'llama'
+    if not config.n_expert:
+        return 'qwen3' if config.qk_norm else 'llama'
+    # a mixture of experts: Qwen3-MoE (with QK-norm) or Mixtral, both top-k over a softmax
+    # renormalised over the chosen, as MoE routes
+    if config.n_shared_expert:
+        raise ValueError(f"n_shared_expert={config.n_shared_expert}: Mixtral and Qwen3-MoE have no shared "
+                         f"experts; export a mixture without them (n_shared_expert=0)")
+    if config.bias and not config.qk_norm:
+        raise ValueError("bias=True with n_expert: Mixtral's attention has no biases; train with bias=False")
+    if config.expert_width % 8: # transformers runs the experts as one grouped matmul
+        raise ValueError(f"expert width {config.expert_width} is not a multiple of 8: transformers' grouped "
+                         f"matmul of the experts needs 16-byte-aligned rows in bf16; train with an "
+                         f"expert_width_mult that makes expert_width_mult x n_embd a multiple of 8")
+    return 'qwen3_moe' if config.qk_norm else 'mixtral'
 
 
 def folded_state(model):
@@ -184,7 +201,8 @@ def folded_state(model):
             for name in ('attn.c_attn.q.weight', 'attn.c_attn.q.bias'):
                 if prefix + name in state:
                     state[prefix + name] = ratio * state[prefix + name]
-        for name in ('attn.c_proj.weight', 'attn.c_proj.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias'):
+        for name in ('attn.c_proj.weight', 'attn.c_proj.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias',
+                     'mlp.expert_proj'):
             if prefix + name in state:
                 state[prefix + name] = residual * state[prefix + name]
     return state, tied
@@ -240,12 +258,18 @@ def to_transformers(model):
                         head_dim=c.head_dim, max_position_embeddings=c.block_size, rms_norm_eps=1e-5,
                         hidden_act='silu', attention_bias=c.bias, tie_word_embeddings=tied,
                         rope_parameters={'rope_theta': c.rope_base, 'rope_type': 'default'}, **special)
+        moe = dict(num_experts_per_tok=c.n_expert_active, router_aux_loss_coef=c.moe_aux_loss_coef)
         if kind == 'llama':
-            config = transformers.LlamaConfig(mlp_bias=c.bias, **settings)
-            hf = transformers.LlamaForCausalLM(config)
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(mlp_bias=c.bias, **settings))
+        elif kind == 'qwen3':
+            hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**settings))
+        elif kind == 'mixtral':
+            hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+                **{**settings, 'intermediate_size': c.expert_width}, num_local_experts=c.n_expert, **moe))
         else:
-            config = transformers.Qwen3Config(**settings)
-            hf = transformers.Qwen3ForCausalLM(config)
+            hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+                **settings, moe_intermediate_size=c.expert_width, num_experts=c.n_expert, norm_topk_prob=True,
+                decoder_sparse_step=1, mlp_only_layers=[], **moe))
         out['model.embed_tokens.weight'] = state['transformer.wte.weight']
         names = {'attn.c_attn.q': 'self_attn.q_proj', 'attn.c_attn.k': 'self_attn.k_proj',
                  'attn.c_attn.v': 'self_attn.v_proj', 'attn.c_proj': 'self_attn.o_proj',
@@ -258,7 +282,12 @@ def to_transformers(model):
                 for part in ('weight', 'bias'):
                     if f'{ours}{linear}.{part}' in state:
                         out[f'{theirs}{name}.{part}'] = state[f'{ours}{linear}.{part}']
-            if kind == 'qwen3':
+            if c.n_expert: # the router, and each expert's gate and up projections in one tensor
+                out[f'{theirs}mlp.gate.weight'] = state[f'{ours}mlp.router.weight']
+                out[f'{theirs}mlp.experts.gate_up_proj'] = torch.cat([state[f'{ours}mlp.expert_gate'],
+                                                                      state[f'{ours}mlp.expert_fc']], dim=1)
+                out[f'{theirs}mlp.experts.down_proj'] = state[f'{ours}mlp.expert_proj']
+            if c.qk_norm:
                 for norm in ('q_norm', 'k_norm'):
                     out[f'{theirs}self_attn.{norm}.weight'] = norm_weights(state, f'{ours}attn.{norm}', c.head_dim,
                                                                           bias=False)['weight']

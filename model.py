@@ -90,6 +90,9 @@ class GPTConfig:
     # mlp_width / (n_expert_active + n_shared_expert), the dense MLP's active parameters
     expert_width_mult: float = 0.0
     moe_aux_loss_coef: float = 0.01 # the load-balancing loss's weight in the training loss (Switch)
+    # muP with the number of experts as a width (docs/mup.md, MoE): 0 = n_expert is fixed as the
+    # model widens; else the base model's n_expert, with the same active fraction n_expert_active / n_expert
+    mup_base_n_expert: int = 0
     # an ATTN_MODS string ('causal', 'sliding_window:128', 'alibi', ...), or a comma-separated
     # list cycled over the layers
     attn_mod: str = 'causal'
@@ -154,6 +157,13 @@ class GPTConfig:
                              f"each token goes to that many of the experts")
         if not self.n_expert and self.n_shared_expert:
             raise ValueError(f"n_shared_expert={self.n_shared_expert} needs routed experts: set n_expert too")
+        if self.mup_base_n_expert and not (self.mup_base_width and self.n_expert):
+            raise ValueError(f"mup_base_n_expert={self.mup_base_n_expert} only has a meaning for a mixture "
+                             f"of experts under muP: set n_expert and mup_base_width too, or leave it 0")
+        if self.mup_base_n_expert and (self.mup_base_n_expert * self.n_expert_active) % self.n_expert:
+            raise ValueError(f"mup_base_n_expert={self.mup_base_n_expert}: the base model keeps the active "
+                             f"fraction {self.n_expert_active}/{self.n_expert}, so mup_base_n_expert x "
+                             f"n_expert_active must be a multiple of n_expert")
 
     @property
     def head_dim(self):
@@ -580,12 +590,24 @@ class MoE(nn.Module):
         self.act = activation(config.mlp).forward
         self.shared = MLP(config, config.n_shared_expert * width) if config.n_shared_expert else None
         self.dropout = nn.Dropout(config.dropout)
+        # what the last forward's routing was (train.py prints them at each eval: the balance plot)
         self.aux_loss = None
-        self.load = None # the routed pairs per expert in the last forward (for the balance plot)
+        self.load = None # the routed pairs per expert
+        self.entropy = None # the router's mean entropy over tokens / log n_expert: 1 = uniform
 
     def expert_weights(self):
         """The routed experts' matrices (the gate's only with SwiGLU)."""
         return [p for p in (self.expert_fc, self.expert_gate, self.expert_proj) if p is not None]
+
+    def experts(self, x):
+        """Every routed expert on its own rows: x (n_expert, rows, n_embd) -> (n_expert, rows,
+        n_embd), x[e] through expert e (three batched matmuls)."""
+        h = x @ self.expert_fc.mT
+        if self.expert_gate is not None:
+            h = self.act(x @ self.expert_gate.mT) * h
+        else:
+            h = self.act(h)
+        return h @ self.expert_proj.mT
 
     def forward(self, x):
         shape = x.shape
@@ -597,6 +619,7 @@ class MoE(nn.Module):
         expert = chosen.reshape(-1) # the (token, expert) pairs, token-major
         counts = torch.bincount(expert, minlength=probs.size(-1))
         self.load = counts.detach()
+        self.entropy = (-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean() / math.log(probs.size(-1))).detach()
         share = counts.float() / expert.numel()
         self.aux_loss = probs.size(-1) * (share * probs.mean(0)).sum()
         # pack the pairs by expert: pair j of expert e goes to row e, slot j
@@ -606,12 +629,7 @@ class MoE(nn.Module):
         token = order // k
         packed = tokens.new_zeros(probs.size(-1), int(counts.max()), shape[-1])
         packed[by_expert, slot] = tokens[token]
-        h = packed @ self.expert_fc.mT
-        if self.expert_gate is not None:
-            h = self.act(packed @ self.expert_gate.mT) * h
-        else:
-            h = self.act(h)
-        out = (h @ self.expert_proj.mT)[by_expert, slot] * weights.reshape(-1)[order, None]
+        out = self.experts(packed)[by_expert, slot] * weights.reshape(-1)[order, None]
         y = tokens.new_zeros(n_tokens, shape[-1]).index_add_(0, token, out).reshape(shape)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -753,16 +771,21 @@ class GPT(nn.Module):
         # muP: hidden matrices sigma / sqrt(m), output weights sigma / m (mup.RULES)
         mup.scale_init(self)
 
-    def get_num_params(self, non_embedding=True):
+    def get_num_params(self, non_embedding=True, active=False):
         """
         Return the number of parameters in the model.
         For non-embedding count (default), the position embeddings get subtracted.
         The token embeddings would too, except due to the parameter sharing these
         params are actually used as weights in the final layer, so we include them.
+        active: those a token goes through, n_expert_active of the n_expert routed experts.
         """
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding and 'wpe' in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
+        cfg = self.config
+        if active and cfg.n_expert:
+            routed = sum(p.numel() for block in self.transformer.h for p in block.mlp.expert_weights())
+            n_params -= routed * (1 - cfg.n_expert_active / cfg.n_expert)
         return n_params
 
     def forward(self, idx, targets=None, kv_cache=None):
@@ -842,18 +865,21 @@ class GPT(nn.Module):
         return mup.configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps,
                                         optimizer, muon_lr_mult, muon_momentum)
 
+    def routing(self):
+        """[(router entropy / log n_expert, the busiest expert's share of the routed pairs x
+        n_expert)] per block, of the last forward: (1, 1) is uniform routing and a perfect balance."""
+        moes = [block.mlp for block in self.transformer.h]
+        return [(moe.entropy.item(), (moe.load.max() / moe.load.float().mean()).item()) for moe in moes]
+
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model flops utilization against `peak_flops` (see device_peak_flops)."""
         # first estimate the number of flops we do per iteration, as the PaLM paper's Appendix B.
         # N counts the weights that enter a matmul: not wpe, nor an untied wte (lookups, no
         # FLOPs); a tied wte is the readout's matrix.
-        N = self.get_num_params()
+        N = self.get_num_params(active=True) # a token's matmuls: n_expert_active of the routed experts
         if not self.config.tie_weights:
             N -= self.transformer.wte.weight.numel()
         cfg = self.config
-        if cfg.n_expert: # a token goes through n_expert_active of the n_expert routed experts
-            routed = sum(p.numel() for block in self.transformer.h for p in block.mlp.expert_weights())
-            N -= routed * (1 - cfg.n_expert_active / cfg.n_expert)
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T # the matmuls, then attention's q.k and a.v
         flops_per_fwdbwd = flops_per_token * T

@@ -73,15 +73,22 @@ def classify_params(model):
     - 'vector': one dim (norm gains, biases, learned ALiBi slopes)."""
     c = model.config
     base_width = c.mup_base_width or c.n_embd
+    experts = {} # the number of experts as a width: the base model's, at the same active fraction
+    if c.mup_base_n_expert:
+        experts = dict(n_expert=c.mup_base_n_expert,
+                       n_expert_active=c.n_expert_active * c.mup_base_n_expert // c.n_expert)
     base = replace(c, n_embd=base_width, n_head=base_width // c.base_head_dim,
-                   mup_base_width=0, mup_base_head_dim=0)
+                   mup_base_width=0, mup_base_head_dim=0, mup_base_n_expert=0, **experts)
     base_shapes = param_shapes(model, base)
     at_base_width = c.n_embd == base_width
     if at_base_width: # nothing differs from the base model here: compare with a wider one,
-        # widened as this layout widens (more heads where the base head dim is set)
+        # widened as this layout widens (more heads where the base head dim is set, more experts
+        # where their number is a width)
         wider = replace(base, n_embd=2 * base_width)
         if c.mup_base_head_dim:
             wider = replace(wider, n_head=2 * base_width // c.base_head_dim)
+        if c.mup_base_n_expert:
+            wider = replace(wider, n_expert=2 * base.n_expert, n_expert_active=2 * base.n_expert_active)
         compared_shapes = param_shapes(model, wider)
     owners = {}
     for module_name, module in model.named_modules():

@@ -269,7 +269,8 @@ if procs.master:
     else:
         parametrization = "SP"
     attention = type(model.transformer.h[0].attn).__name__
-    print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    active = f" ({model.get_num_params(active=True) / 1e6:.2f}M active per token)" if gptconf.n_expert else ''
+    print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M{active}")
     print(f"model: {parametrization}; attention {attention}, {gptconf.attn_mod} on the "
           f"{'/'.join(sorted(backends))} backend; device {device}, {ptdtype}")
 if fsdp:
@@ -405,6 +406,10 @@ while True:
             losses = estimate_loss()
             if procs.master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if procs.master and raw_model.config.n_expert: # on the last val batch, per block
+                entropy, load = zip(*raw_model.routing())
+                print(f"step {iter_num}: router entropy {' '.join(f'{e:.3f}' for e in entropy)}, "
+                      f"busiest expert's load / mean {' '.join(f'{b:.2f}' for b in load)}")
             if wandb_log and procs.master:
                 wandb.log({"iter": iter_num, "train/loss": losses['train'], "val/loss": losses['val']})
             # a non-finite eval loss (skip_nonfinite after a blow-up) must not replace the last

@@ -19,6 +19,7 @@ TINY = dict(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropou
 TINY_TRAIN = ['--device=cpu', '--compile=False', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=32',
               '--batch_size=8', '--eval_iters=5', '--log_interval=1', '--warmup_iters=5', '--learning_rate=3e-3',
               '--dataset=tiny']
+MOE_TRAIN = ('--n_expert=4', '--n_expert_active=2', '--n_shared_expert=1') # train.py's mixture of experts
 SCRIPT_ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 
 

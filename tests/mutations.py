@@ -99,6 +99,9 @@ MUTATIONS = {
                             "        self.router = nn.Linear(d, n, bias=False)\n        self.router.weight.fan_in_dim = 0\n"),
     'expert_fan_in_from_the_expert_dim': ("an expert matrix's fan-in read from its expert dim (n_expert, fixed)",
                                           'model.py', "p.fan_in_dim = 2 #", "p.fan_in_dim = 0 #"),
+    'base_n_expert_ignored': ("n_expert growing with the width unseen: the base model given this model's n_expert",
+                              'mup.py', "    if c.mup_base_n_expert:\n        experts = dict(",
+                              "    if False:\n        experts = dict("),
     'muon_rms_matched': ("Moonshot's RMS-matched Muon update, 0.2 sqrt(max(A, B)), at a fixed lr", 'muon.py',
                          "return math.sqrt(max(1.0, fan_out / fan_in))",
                          "return 0.2 * math.sqrt(max(fan_out, fan_in))"),
@@ -107,6 +110,7 @@ MUTATIONS = {
 # tests that check a formula of model.py directly: they fail too, but do not count as behavioural
 FORMULA_TESTS = ('test_optimizer_groups_carry_lr_scale', 'test_init_std_scales_as_mup_says',
                  'test_experts_are_hidden_and_the_router_an_output_weight_by_shape',
+                 'test_with_a_base_n_expert_the_number_of_experts_is_a_width',
                  'test_hidden_matrices_go_to_muon_without_the_width_rule',
                  'test_subclass_parameters_are_classified_by_shape', 'test_graph_parameters_are_not_hidden_and_get_gradients',
                  'test_untied_readout_starts_at_zero', 'test_router_and_fan_out_only_linear_are_classified_apart',

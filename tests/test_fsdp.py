@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import checkpoints
-from conftest import ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script, stops_with
+from conftest import MOE_TRAIN, ROOT, SCRIPT_ENV, TINY_TRAIN, ok, run_script, stops_with
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
 TORCHRUN_ONE = (*TORCHRUN[:-1], '--nproc_per_node=1')
@@ -42,14 +42,16 @@ def group_lines(stdout):
     return [line for line in stdout.splitlines() if line.startswith('param group ')]
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
-def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer):
+@pytest.mark.parametrize('optimizer, block', [('adamw', ()), ('muon', ()), ('muon', MOE_TRAIN)], ids=['adamw', 'muon', 'moe'])
+def test_two_fsdp_processes_train_the_model_of_one(workdir, optimizer, block):
     """The same global batch (2 micro-batches): accumulated in one process, or one per FSDP
     process. Losses at each of 11 iterations within 1e-4 (measured: 0, as printed); the param groups
     printed (names, sizes, lr_scale, weight decay, eps) are the same. The 2 processes' sharded
     checkpoint of iter 10 (their last) resumes on 1 FSDP process (resharded on load) to the one
-    process's losses; its next save removes the directory of the old one and a half-written one."""
-    args = [f'--optimizer={optimizer}', '--muon_lr_mult=4']
+    process's losses; its next save removes the directory of the old one and a half-written one.
+    The mixture of experts: its experts sharded like any weight, each orthogonalised whole by Muon."""
+    args = [f'--optimizer={optimizer}', '--muon_lr_mult=4', *block]
+    optimizer = optimizer + ('-moe' if block else '') # names the run's out_dir
     one = train(*args, '--max_iters=19', f'--out_dir={workdir / ("fsdp-one-" + optimizer)}', cwd=workdir)
     two = train(*args, '--max_iters=10', '--fsdp=True', f'--out_dir={workdir / ("fsdp-two-" + optimizer)}',
                 cwd=workdir, launcher=TORCHRUN)

@@ -85,6 +85,12 @@ EXPORTS = {
     'qwen3': ('Qwen3ForCausalLM', dict(pos_emb='rope', norm='rmsnorm', norm_gain=False, qk_norm=True, mlp='swiglu',
                                        n_kv_head=1, mup_base_width=16, mup_base_depth=1, mup_attn_mult=0.7,
                                        tie_weights=False)),
+    'mixtral': ('MixtralForCausalLM', dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', n_kv_head=2, n_expert=4,
+                                           n_expert_active=2, expert_width_mult=0.5, mup_base_width=16,
+                                           mup_base_depth=1, mup_input_mult=1.5)),
+    'qwen3_moe': ('Qwen3MoeForCausalLM', dict(pos_emb='rope', norm='rmsnorm', qk_norm=True, mlp='swiglu', n_expert=8,
+                                              n_expert_active=3, expert_width_mult=0.75, mup_base_width=16, mup_attn_mult=0.7,
+                                              tie_weights=False)),
 }
 
 
@@ -122,6 +128,9 @@ def test_exported_model_gives_our_logits_and_our_greedy_tokens(name):
     (dict(qk_norm=True), "qk_norm=True with pos_emb='learned'"),
     (dict(n_kv_head=2), "n_kv_head=2 with pos_emb='learned'"),
     (dict(pos_emb='rope', norm='layernorm', mlp='swiglu'), "norm='layernorm' with pos_emb='rope'"),
+    (dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', n_expert=4, n_shared_expert=1), 'n_shared_expert=1: Mixtral'),
+    (dict(n_expert=4), "n_expert=4 with pos_emb='learned', norm='layernorm', mlp='gelu': transformers'"),
+    (dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', n_expert=4, bias=False), 'expert width 85 is not a multiple of 8'),
 ])
 def test_an_option_without_a_counterpart_is_named(settings, named):
     with pytest.raises(ValueError, match=named.replace('(', r'\(')):

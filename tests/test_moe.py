@@ -1,11 +1,13 @@
 """The mixture of experts (model.MoE): its dispatch computes what a loop over tokens computes, its
-load-balancing loss, its muP classes by shape, Muon on each expert, training through train.py,
-and the coordinate check with n_expert fixed while the width grows."""
+load-balancing loss and routing statistics, its muP classes by shape (the number of experts fixed
+or a width), Muon on each expert, training through train.py, and the coordinate check in both
+scalings: n_expert fixed while the width grows, and n_expert growing with it."""
+
+import functools
 
 import pytest
 import torch
 
-import hf
 from conftest import TINY_TRAIN, make_gpt, ok, run_script, text_batch, tokens
 from coord_check import run_widths, slopes
 from muon import orthogonalize, orthogonalize_each
@@ -71,6 +73,41 @@ def test_experts_are_hidden_and_the_router_an_output_weight_by_shape():
     assert info['transformer.h.0.mlp.shared.c_fc.weight'][:2] == ('hidden', 2.0) # a shared expert is an MLP
 
 
+def test_with_a_base_n_expert_the_number_of_experts_is_a_width():
+    """n_expert 8 at width 128 from 4 at 64 (top-2 of 4 -> top-4 of 8): the router's fan-out grows
+    with its fan-in, so it is hidden (OLMo-core's num_experts as a width); the experts' matrices
+    keep their width multiplier, which only the fan-in sets."""
+    model = make_gpt(n_embd=128, mup_base_width=64, n_expert=8, n_expert_active=4, mup_base_n_expert=4,
+                     expert_width_mult=1.0)
+    info = model.mup_param_info
+    assert info['transformer.h.0.mlp.router.weight'][:2] == ('hidden', 2.0)
+    for name in ('expert_fc', 'expert_proj'):
+        assert info[f'transformer.h.0.mlp.{name}'][:2] == ('hidden', 2.0)
+    at_base = make_gpt(n_embd=64, mup_base_width=64, n_expert=4, n_expert_active=2, mup_base_n_expert=4)
+    assert at_base.mup_param_info['transformer.h.0.mlp.router.weight'][:2] == ('hidden', 1.0)
+
+
+@pytest.mark.parametrize('settings, named', [
+    (dict(n_expert=8, mup_base_n_expert=4), 'mup_base_n_expert=4 only has a meaning for a mixture of experts under muP'),
+    (dict(n_expert=8, n_expert_active=3, mup_base_width=32, mup_base_n_expert=4), 'the base model keeps the active fraction 3/8'),
+])
+def test_a_base_n_expert_that_cannot_be_is_named(settings, named):
+    with pytest.raises(ValueError, match=named):
+        make_gpt(**settings)
+
+
+def test_routing_reports_entropy_and_the_busiest_experts_load():
+    model = make_gpt(**MOE)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.router.weight.zero_() # uniform probabilities: entropy log n_expert
+        model(tokens())
+    for entropy, busiest in model.routing():
+        assert entropy == pytest.approx(1.0) and busiest >= 1.0
+        # ties broken alike for every token: the same 2 experts take all pairs, 2 x the mean
+        assert busiest == pytest.approx(2.0)
+
+
 def test_muon_orthogonalizes_each_expert_on_its_own():
     stack = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0))
     each = orthogonalize_each(stack, torch.float32)
@@ -85,20 +122,34 @@ def test_train_py_trains_a_mixture_of_experts(workdir, optimizer):
                         f'--out_dir={workdir / f"moe-{optimizer}"}', cwd=workdir))
     losses = [float(line.split('loss ')[1].split(',')[0]) for line in out.splitlines() if line.startswith('iter ')]
     assert losses[-1] < losses[0] - 0.5, losses
+    routing = [line for line in out.splitlines() if 'router entropy' in line]
+    assert len(routing) == 2 and routing[0].startswith('step 0: router entropy ') # at each eval, per block
+    if optimizer == 'adamw': # what a user runs on a trained run next
+        jacobian = ok(run_script('analyze_jacobian.py', f'--ckpt={workdir / "moe-adamw"}', '--device=cpu',
+                                 f'--out={workdir / "jacobian"}', cwd=workdir))
+        assert 'verdict: ' in jacobian
+        sample = ok(run_script('sample.py', f'--out_dir={workdir / "moe-adamw"}', '--num_samples=1',
+                               '--max_new_tokens=20', '--device=cpu', cwd=workdir))
+        assert sample.strip()
 
 
-def test_export_refuses_a_mixture_of_experts_in_one_line():
-    with pytest.raises(ValueError, match='n_expert=4: the export of a mixture of experts is not written yet'):
-        hf.target(make_gpt(**MOE).config)
+# ---- muP's coordinate check in both scalings (python coord_check.py --n_expert=4 [--experts=grow] ...)
 
-
-# ---- muP: n_expert fixed while the width grows (python coord_check.py --n_expert=4 ...)
-
-def moe_slopes(param):
+@functools.cache
+def moe_slopes(param, experts='fixed'):
+    """Slopes of every module's mean|h| ('h...') and its change ('dh...') after 4 steps over widths
+    64-512 (base 32): 4 experts, top-2, one shared (fixed); or 2 experts top-1 at the base width,
+    x width / 32 (grow: 4 top-2 at 64 ... 32 top-16 at 512, each of the derived width)."""
     x, y, vocab = text_batch(16, 64, 0)
+    model_args = dict(n_shared_expert=1, **MOE) if experts == 'fixed' else dict(n_expert=2, n_expert_active=1)
     results = run_widths([64, 128, 256, 512], param, steps=4, lr=3e-3, seed=0, batch=(x, y, vocab), base_width=32,
-                         model_args=dict(n_shared_expert=1, **MOE))
+                         model_args=model_args, experts=experts)
     return {**slopes(results, 4, 'h'), **{f'd{k}': v for k, v in slopes(results, 4, 'dh').items()}}
+
+
+def test_the_coord_check_records_each_expert():
+    names = moe_slopes('mup')
+    assert {f'h.{i}.mlp.expert.{e}' for i in range(2) for e in range(4)} <= set(names)
 
 
 def test_mup_moe_coord_check_is_flat_but_the_router_logits_which_lean():
@@ -116,6 +167,19 @@ def test_mup_moe_coord_check_is_flat_but_the_router_logits_which_lean():
 def test_sp_moe_coord_check_grows():
     s = moe_slopes('sp')
     assert min(s[k] for k in ('h.0.mlp', 'h.1.mlp', 'dh.0.mlp', 'dh.1.mlp', 'h.0.mlp.router')) >= 1.0, s
+
+
+def test_mup_moe_coord_check_is_flat_with_the_number_of_experts_as_a_width():
+    """n_expert and n_expert_active x 8 from width 64 to 512: the router hidden (its fan-out
+    grows), each expert's output and the MoE's flat, the router's logits too (measured: every
+    |slope| <= 0.21; the router -0.08 and -0.03)."""
+    s = moe_slopes('mup', 'grow')
+    assert max(map(abs, s.values())) < 0.3, s
+
+
+def test_sp_moe_coord_check_grows_with_the_number_of_experts_as_a_width():
+    s = moe_slopes('sp', 'grow')
+    assert min(s[k] for k in ('h.0.mlp', 'dh.0.mlp', 'h.0.mlp.router', 'h.1.mlp.router')) >= 1.0, s
 
 
 def test_mfu_counts_the_active_experts_only():

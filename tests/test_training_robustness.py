@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT_ENV as ENV, TINY_TRAIN, ok, run_script, stops_with
+from conftest import MOE_TRAIN, ROOT, SCRIPT_ENV as ENV, TINY_TRAIN, ok, run_script, stops_with
 
 TRAIN = [os.path.join(ROOT, 'train.py'), *TINY_TRAIN]
 # dropout > 0: a resumed run must continue torch's RNG stream too, not just the batches
@@ -224,13 +224,14 @@ def test_unwritable_out_dir_fails_before_training(workdir, tmp_path, monkeypatch
     assert 'is not a writable directory' in line and '--out_dir=' in line
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
-def test_ddp_two_processes_match_one_process_with_accumulation(workdir, optimizer):
+@pytest.mark.parametrize('optimizer, block', [('adamw', ()), ('muon', ()), ('muon', MOE_TRAIN)], ids=['adamw', 'muon', 'moe'])
+def test_ddp_two_processes_match_one_process_with_accumulation(workdir, optimizer, block):
     # the same global batch: 2 micro-batches, accumulated in one process or one per process
-    args = ['--gradient_accumulation_steps=2', '--max_iters=19', '--eval_interval=100', f'--optimizer={optimizer}']
-    one = iter_losses(ok(train(*args, f'--out_dir={workdir / ("one" + optimizer)}', cwd=workdir)))
+    args = ['--gradient_accumulation_steps=2', '--max_iters=19', '--eval_interval=100', f'--optimizer={optimizer}', *block]
+    name = optimizer + ('-moe' if block else '')
+    one = iter_losses(ok(train(*args, f'--out_dir={workdir / ("one" + name)}', cwd=workdir)))
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    two = iter_losses(ok(train(*args, f'--out_dir={workdir / ("ddp" + optimizer)}', cwd=workdir, launcher=torchrun)))
+    two = iter_losses(ok(train(*args, f'--out_dir={workdir / ("ddp" + name)}', cwd=workdir, launcher=torchrun)))
     assert sorted(one) == sorted(two) == list(range(20))
     assert max(abs(float(one[i]) - float(two[i])) for i in one) < 1e-5, (one, two)
 
