@@ -11,7 +11,8 @@ $ python moe_payoff.py                                  # the main job's budget 
 $ python moe_payoff.py --n_expert=4 --n_expert_active=1 --max_iters=600
 
 Writes <out_dir>/results/<out>.json and <out_dir>/assets/<out>.png (out_dir: a new directory
-unless --out_dir=. updates the repository's committed files); run it from the repository root.
+unless --out_dir=. updates the repository's committed files). Run it from the repository root:
+config_file and train.py's data/ are relative to the working directory.
 """
 
 import json
@@ -19,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 # -----------------------------------------------------------------------------
@@ -44,7 +46,8 @@ def run(args, threads):
     'active' (per token): millions}. The seconds exclude nothing: startup, evals and checkpoints are in both arms."""
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONUNBUFFERED': '1'}
     start = time.time()
-    proc = subprocess.Popen([sys.executable, 'train.py', *args], stdout=subprocess.PIPE,
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
+    proc = subprocess.Popen([sys.executable, train_py, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     record, lines = dict(evals=[], routing=[], params=None, active=None), []
     for line in proc.stdout:
@@ -96,7 +99,7 @@ if __name__ == '__main__':
     if max_iters:
         common += [f'--max_iters={max_iters}', f'--lr_decay_iters={max_iters}']
     arms = {}
-    with __import__('tempfile').TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch:
         for name, extra in (('dense', []), ('moe', [f'--n_expert={n_expert}', f'--n_expert_active={n_expert_active}'])):
             print(f"training the {name} arm ...", flush=True)
             arms[name] = run([*common, *extra, f'--out_dir={os.path.join(scratch, name)}'], threads)

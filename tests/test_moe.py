@@ -4,6 +4,7 @@ or a width), Muon on each expert, training through train.py, and the coordinate 
 scalings: n_expert fixed while the width grows, and n_expert growing with it."""
 
 import functools
+import json
 
 import pytest
 import torch
@@ -131,6 +132,23 @@ def test_train_py_trains_a_mixture_of_experts(workdir, optimizer):
         sample = ok(run_script('sample.py', f'--out_dir={workdir / "moe-adamw"}', '--num_samples=1',
                                '--max_new_tokens=20', '--device=cpu', cwd=workdir))
         assert sample.strip()
+
+
+def test_moe_payoff_compares_the_arms_at_equal_active_parameters(workdir):
+    config = workdir / 'moe_tiny.py'
+    config.write_text("dataset = 'tiny'\ndevice = 'cpu'\ncompile = False\nn_layer, n_head, n_embd = 2, 2, 32\n"
+                      "block_size, batch_size, eval_iters = 32, 8, 2\nmax_iters, warmup_iters = 20, 2\n"
+                      "mup_base_width, learning_rate = 16, 3e-3\n")
+    out_dir = workdir / 'moe-payoff'
+    ok(run_script('moe_payoff.py', f'--config_file={config}', '--eval_interval=10', '--n_expert=4',
+                  f'--out_dir={out_dir}', cwd=workdir))
+    arms = json.loads((out_dir / 'results' / 'moe_main_job.json').read_text())['arms']
+    dense, moe = arms['dense'], arms['moe']
+    assert dense['active'] == pytest.approx(moe['active'], abs=0.01) and moe['params'] > moe['active']
+    assert [e[0] for e in dense['evals']] == [e[0] for e in moe['evals']] == [0, 10, 20]
+    assert moe['evals'][-1][3] < moe['evals'][0][3] - 0.5 # it learned
+    assert [r[0] for r in moe['routing']] == [0, 10, 20] and all(len(r[1]) == len(r[2]) == 2 for r in moe['routing'])
+    assert (out_dir / 'assets' / 'moe_main_job.png').exists()
 
 
 # ---- muP's coordinate check in both scalings (python coord_check.py --n_expert=4 [--experts=grow] ...)
