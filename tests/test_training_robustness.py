@@ -43,6 +43,15 @@ def read_until(proc, pattern):
     raise AssertionError(f"{pattern!r} never printed:\n{''.join(lines)[-2000:]}{proc.stderr.read()[-3000:]}")
 
 
+def rest_of_stdout(proc):
+    """The stdout after read_until's, to the process's end, through the same buffered file: the
+    lines read ahead into its buffer are there (communicate() would read the pipe beneath it and
+    lose them, which a loaded machine makes likely)."""
+    rest = proc.stdout.read()
+    proc.wait(timeout=60)
+    return rest
+
+
 def iter_losses(stdout):
     """{iter: the loss exactly as printed}: comparing the strings compares the fp32 values bitwise."""
     return {int(it): loss for it, loss in re.findall(r'^iter (\d+): loss (\S+),', stdout, flags=re.M)}
@@ -110,7 +119,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(workdir, reference)
     proc = start(*RESUMABLE, '--max_iters=1000', f'--out_dir={out_dir}', cwd=workdir)
     stdout = read_until(proc, r'iter 13:')
     proc.send_signal(signal.SIGTERM)
-    stdout += proc.communicate(timeout=60)[0]
+    stdout += rest_of_stdout(proc)
     assert proc.returncode == 0
     stopped = re.search(r'^SIGTERM: stopped before iter (\d+); checkpoint in (\S+),', stdout, flags=re.M)
     assert stopped and stopped[2] == str(out_dir / 'ckpt.pt'), stdout
@@ -125,7 +134,7 @@ def test_sigint_finishes_the_step_saves_and_exits_0(workdir):
     proc = start(*RESUMABLE, '--max_iters=1000', f'--out_dir={out_dir}', cwd=workdir)
     stdout = read_until(proc, r'iter 3:')
     proc.send_signal(signal.SIGINT)
-    stdout += proc.communicate(timeout=60)[0]
+    stdout += rest_of_stdout(proc)
     assert proc.returncode == 0
     k = int(re.search(r'^SIGINT: stopped before iter (\d+); checkpoint in ', stdout, flags=re.M)[1])
     assert max(iter_losses(stdout)) == k - 1 and load(out_dir / 'ckpt.pt')['iter_num'] == k
@@ -182,7 +191,7 @@ def test_skip_nonfinite_skips_counts_and_logs_and_saves_no_broken_eval(workdir, 
                  f'--out_dir={out_dir}', '--init_from=resume', cwd=workdir)
     stdout = read_until(proc, r'iter 47:')
     proc.send_signal(signal.SIGTERM) # a stop saves wherever the run is: the state after the skipped steps
-    stdout += proc.communicate(timeout=60)[0]
+    stdout += rest_of_stdout(proc)
     assert proc.returncode == 0
     k = load(out_dir / 'ckpt.pt')['iter_num']
     skipped = re.findall(r'^iter (\d+): non-finite .*: step skipped \((\d+) skipped so far\)$', stdout, flags=re.M)
