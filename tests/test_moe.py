@@ -3,13 +3,16 @@ load-balancing loss and routing statistics, its muP classes by shape (the number
 or a width), Muon on each expert, training through train.py, and the coordinate check in both
 scalings: n_expert fixed while the width grows, and n_expert growing with it."""
 
+import contextlib
 import functools
 import json
+from unittest import mock
 
 import pytest
 import torch
 
 from conftest import TINY_TRAIN, make_gpt, ok, run_script, text_batch, tokens
+import coord_check
 from coord_check import run_widths, slopes
 from muon import orthogonalize, orthogonalize_each
 from model import MoE
@@ -154,14 +157,24 @@ def test_moe_payoff_compares_the_arms_at_equal_active_parameters(workdir):
 # ---- muP's coordinate check in both scalings (python coord_check.py --n_expert=4 [--experts=grow] ...)
 
 @functools.cache
-def moe_slopes(param, experts='fixed'):
+def moe_slopes(param, experts='fixed', router_init_power=0.0):
     """Slopes of every module's mean|h| ('h...') and its change ('dh...') after 4 steps over widths
     64-512 (base 32): 4 experts, top-2, one shared (fixed); or 2 experts top-1 at the base width,
-    x width / 32 (grow: 4 top-2 at 64 ... 32 top-16 at 512, each of the derived width)."""
+    x width / 32 (grow: 4 top-2 at 64 ... 32 top-16 at 512, each of the derived width).
+    router_init_power: the router's init x m^power after muP's own, m = width / 32 (another
+    paper's rule: +1/2 turns sigma/m into sigma/sqrt(m), -1/2 the reverse)."""
+    build = coord_check.build_model
+    def router_rescaled(width, *args, **kwargs):
+        model = build(width, *args, **kwargs)
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.mlp.router.weight.mul_((width / 32) ** router_init_power)
+        return model
     x, y, vocab = text_batch(16, 64, 0)
     model_args = dict(n_shared_expert=1, **MOE) if experts == 'fixed' else dict(n_expert=2, n_expert_active=1)
-    results = run_widths([64, 128, 256, 512], param, steps=4, lr=3e-3, seed=0, batch=(x, y, vocab), base_width=32,
-                         model_args=model_args, experts=experts)
+    with mock.patch.object(coord_check, 'build_model', router_rescaled) if router_init_power else contextlib.nullcontext():
+        results = run_widths([64, 128, 256, 512], param, steps=4, lr=3e-3, seed=0, batch=(x, y, vocab),
+                             base_width=32, model_args=model_args, experts=experts)
     return {**slopes(results, 4, 'h'), **{f'd{k}': v for k, v in slopes(results, 4, 'dh').items()}}
 
 
@@ -198,6 +211,22 @@ def test_mup_moe_coord_check_is_flat_with_the_number_of_experts_as_a_width():
 def test_sp_moe_coord_check_grows_with_the_number_of_experts_as_a_width():
     s = moe_slopes('sp', 'grow')
     assert min(s[k] for k in ('h.0.mlp', 'dh.0.mlp', 'h.0.mlp.router', 'h.1.mlp.router')) >= 1.0, s
+
+
+@pytest.mark.parametrize('experts, power, leans', [('fixed', 0.5, False), ('grow', -0.5, True)])
+def test_the_papers_router_rules_differ_in_the_router_logits_only(experts, power, leans):
+    """The other init of each scaling (docs/mup.md, the papers' rules): sigma/sqrt(m) with
+    n_expert fixed (Jiang et al.'s gamma = 1/2) keeps the router's logits flat (measured -0.06,
+    -0.06; by shape, sigma/m: -0.43, -0.09); sigma/m with n_expert growing (their gamma = 1)
+    leans (-0.36, -0.26; by shape, sigma/sqrt(m): -0.08, -0.03). The MoE's output is flat under
+    every rule (measured <= 0.10)."""
+    s = moe_slopes('mup', experts, power)
+    router = [s[f'h.{i}.mlp.router'] for i in range(2)]
+    assert max(abs(s[f'h.{i}.mlp']) for i in range(2)) < 0.15, s
+    if leans:
+        assert min(router) < -0.25, router
+    else:
+        assert max(map(abs, router)) < 0.15, router
 
 
 def test_mfu_counts_the_active_experts_only():
