@@ -139,12 +139,32 @@ def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
         hp, _, lr_only, trace = tuned[it]
         mup_tuned = runner.evaluate([setting('mup', w, it=it, **hp) for w in widths])
         mup_lr = runner.evaluate([setting('mup', w, it=it, **lr_only) for w in widths])
-        summary.append(dict(max_iters=it, tuned=hp, lr_only=lr_only, search=trace, rows=[
-            dict(width=w, sp_log2_lr=sp[it, w][0], sp=sp[it, w][1], sp_mults_log2_lr=sp_mults[it, w][0],
-                 sp_mults=sp_mults[it, w][1], sp_embed_log2_lr=sp_embed[it, w][0], sp_embed=sp_embed[it, w][1],
-                 mup_lr_only=a, mup_tuned=b)
-            for w, a, b in zip(widths, mup_lr, mup_tuned)]))
+        rows = []
+        for w, a, b in zip(widths, mup_lr, mup_tuned):
+            # each arm's run at its best lr, per seed: the paired differences' intervals
+            arms = dict(sp=setting('sp', w, it=it, **dict(NEUTRAL, log2_lr=sp[it, w][0])),
+                        sp_embed=setting('sp', w, it=it, **dict(NEUTRAL, embedding_lr_mult=w / base_width,
+                                                                log2_lr=sp_embed[it, w][0])),
+                        mup_tuned=setting('mup', w, it=it, **hp))
+            seeds = dict(zip(arms, runner.per_seed(list(arms.values()))))
+            rows.append(dict(width=w, sp_log2_lr=sp[it, w][0], sp=sp[it, w][1], sp_mults_log2_lr=sp_mults[it, w][0],
+                             sp_mults=sp_mults[it, w][1], sp_embed_log2_lr=sp_embed[it, w][0],
+                             sp_embed=sp_embed[it, w][1], mup_lr_only=a, mup_tuned=b,
+                             per_seed={arm: losses for arm, losses in seeds.items()},
+                             mup_tuned_minus_sp=paired_interval(seeds['mup_tuned'], seeds['sp']),
+                             sp_embed_minus_sp=paired_interval(seeds['sp_embed'], seeds['sp'])))
+        summary.append(dict(max_iters=it, tuned=hp, lr_only=lr_only, search=trace, rows=rows))
     return summary
+
+def paired_interval(a, b, interval=90, resamples=1000, seed=0):
+    """[mean, low, high]: the mean over seeds of a - b (paired: each seed's two runs) and its
+    bootstrap interval (the seeds resampled with replacement)."""
+    import numpy as np
+    diff = np.array(a) - np.array(b)
+    rng = np.random.default_rng(seed)
+    means = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(resamples)]
+    tail = (100 - interval) / 2
+    return [float(diff.mean()), *map(float, np.percentile(means, [tail, 100 - tail]))]
 
 def report_tune(summary, base_width):
     for s in summary:
@@ -160,6 +180,10 @@ def report_tune(summary, base_width):
             print(f"{r['width']:>6} {r['sp']:>10.3f} (2^{r['sp_log2_lr']}) "
                   f"{r['sp_mults']:>10.3f} (2^{r['sp_mults_log2_lr']}) "
                   f"{r['sp_embed']:>10.3f} (2^{r['sp_embed_log2_lr']}) {r['mup_lr_only']:>11.3f} {r['mup_tuned']:>9.3f}")
+        print(f"paired differences over {len(s['rows'][0]['per_seed']['sp'])} seed(s), mean [90% bootstrap interval]:")
+        for r in s['rows']:
+            print(f"{r['width']:>6}  μP tuned - SP: {'{:+.3f} [{:+.3f}, {:+.3f}]'.format(*r['mup_tuned_minus_sp'])}   "
+                  f"SP + embedding lr - SP: {'{:+.3f} [{:+.3f}, {:+.3f}]'.format(*r['sp_embed_minus_sp'])}")
 
 def plot_tune(summary, base_width, muon, path):
     import matplotlib
