@@ -150,7 +150,7 @@ def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
             rows.append(dict(width=w, sp_log2_lr=sp[it, w][0], sp=sp[it, w][1], sp_mults_log2_lr=sp_mults[it, w][0],
                              sp_mults=sp_mults[it, w][1], sp_embed_log2_lr=sp_embed[it, w][0],
                              sp_embed=sp_embed[it, w][1], mup_lr_only=a, mup_tuned=b,
-                             per_seed={arm: losses for arm, losses in seeds.items()},
+                             per_seed=seeds,
                              mup_tuned_minus_sp=paired_interval(seeds['mup_tuned'], seeds['sp']),
                              sp_embed_minus_sp=paired_interval(seeds['sp_embed'], seeds['sp'])))
         summary.append(dict(max_iters=it, tuned=hp, lr_only=lr_only, search=trace, rows=rows))
