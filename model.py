@@ -593,7 +593,7 @@ class MoE(nn.Module):
         # what the last forward's routing was (train.py prints them at each eval: the balance plot)
         self.aux_loss = None
         self.load = None # the routed pairs per expert
-        self.entropy = None # the router's mean entropy over tokens / log n_expert: 1 = uniform
+        self.probs = None # the router's probabilities per token (routing() reads their entropy)
 
     def expert_weights(self):
         """The routed experts' matrices (the gate's only with SwiGLU)."""
@@ -618,8 +618,7 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         expert = chosen.reshape(-1) # the (token, expert) pairs, token-major
         counts = torch.bincount(expert, minlength=probs.size(-1))
-        self.load = counts.detach()
-        self.entropy = (-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean() / math.log(probs.size(-1))).detach()
+        self.load, self.probs = counts.detach(), probs.detach()
         share = counts.float() / expert.numel()
         self.aux_loss = probs.size(-1) * (share * probs.mean(0)).sum()
         # pack the pairs by expert: pair j of expert e goes to row e, slot j
@@ -868,8 +867,10 @@ class GPT(nn.Module):
     def routing(self):
         """[(router entropy / log n_expert, the busiest expert's share of the routed pairs x
         n_expert)] per block, of the last forward: (1, 1) is uniform routing and a perfect balance."""
+        def entropy(probs): # the mean over tokens, / log n_expert
+            return (-(probs * probs.clamp_min(1e-30).log()).sum(-1).mean() / math.log(probs.size(-1))).item()
         moes = [block.mlp for block in self.transformer.h]
-        return [(moe.entropy.item(), (moe.load.max() / moe.load.float().mean()).item()) for moe in moes]
+        return [(entropy(moe.probs), (moe.load.max() / moe.load.float().mean()).item()) for moe in moes]
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model flops utilization against `peak_flops` (see device_peak_flops)."""

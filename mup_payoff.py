@@ -45,6 +45,7 @@ max_iters = 150 # causes: its one horizon
 joint_width = 256 # joint: the model the base width's values are transferred to
 joint_depth = 8
 seeds = [1337] # several: every loss is the mean val loss over seeds
+search_seeds = [] # tune: the seeds the searches average over, among seeds (empty: all); the arms then run at every seed
 globals().update(REFERENCE) # the settings the runs share, from dataset to muon_momentum (--help lists them)
 # how to run
 device = 'cpu'
@@ -111,13 +112,15 @@ def multipliers(hp):
 # -----------------------------------------------------------------------------
 # tune: tune muP at the base width, transfer, compare with SP at its own best lr per width
 
-def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
+def study_tune(runner, widths, base_width, horizons, muon_lr_mult, seeds):
     """For each horizon: tune muP at the base width and search SP's lr at every width (all in
     parallel); then run muP at every width with the base width's values, and, as the control
     for what the multipliers alone buy, search SP's lr at every width with muP's tuned
     multipliers and init std (at the base width SP and muP are the same model), and SP with only
     its embeddings' lr raised by the width ratio (Kalra & Barkeshli 2026, arXiv 2605.21486: with
-    AdamW most of muP's gain), at its own best lr."""
+    AdamW most of muP's gain), at its own best lr. The searches average over the runner's seeds;
+    SP's, SP + embedding lr's and muP tuned's chosen settings are then run at every seed of
+    `seeds` for the paired differences."""
     with ThreadPoolExecutor(len(horizons) * (1 + len(widths))) as searches:
         tuned = {it: searches.submit(tune_mup, runner, base_width, it, _START_LOG2_LR, muon_lr_mult)
                  for it in horizons}
@@ -146,14 +149,15 @@ def study_tune(runner, widths, base_width, horizons, muon_lr_mult):
                         sp_embed=setting('sp', w, it=it, **dict(NEUTRAL, embedding_lr_mult=w / base_width,
                                                                 log2_lr=sp_embed[it, w][0])),
                         mup_tuned=setting('mup', w, it=it, **hp))
-            seeds = dict(zip(arms, runner.per_seed(list(arms.values()))))
+            losses = dict(zip(arms, runner.per_seed(list(arms.values()), seeds)))
             rows.append(dict(width=w, sp_log2_lr=sp[it, w][0], sp=sp[it, w][1], sp_mults_log2_lr=sp_mults[it, w][0],
                              sp_mults=sp_mults[it, w][1], sp_embed_log2_lr=sp_embed[it, w][0],
                              sp_embed=sp_embed[it, w][1], mup_lr_only=a, mup_tuned=b,
-                             per_seed=seeds,
-                             mup_tuned_minus_sp=paired_interval(seeds['mup_tuned'], seeds['sp']),
-                             sp_embed_minus_sp=paired_interval(seeds['sp_embed'], seeds['sp'])))
-        summary.append(dict(max_iters=it, tuned=hp, lr_only=lr_only, search=trace, rows=rows))
+                             per_seed=losses,
+                             mup_tuned_minus_sp=paired_interval(losses['mup_tuned'], losses['sp']),
+                             sp_embed_minus_sp=paired_interval(losses['sp_embed'], losses['sp'])))
+        summary.append(dict(max_iters=it, search_seeds=runner.seeds, seeds=seeds, tuned=hp, lr_only=lr_only,
+                            search=trace, rows=rows))
     return summary
 
 def paired_interval(a, b, interval=90, resamples=1000, seed=0):
@@ -180,7 +184,8 @@ def report_tune(summary, base_width):
             print(f"{r['width']:>6} {r['sp']:>10.3f} (2^{r['sp_log2_lr']}) "
                   f"{r['sp_mults']:>10.3f} (2^{r['sp_mults_log2_lr']}) "
                   f"{r['sp_embed']:>10.3f} (2^{r['sp_embed_log2_lr']}) {r['mup_lr_only']:>11.3f} {r['mup_tuned']:>9.3f}")
-        print(f"paired differences over {len(s['rows'][0]['per_seed']['sp'])} seed(s), mean [90% bootstrap interval]:")
+        print(f"paired differences over seeds {s['seeds']} (the searches over {s['search_seeds']}), "
+              f"mean [90% bootstrap interval]:")
         for r in s['rows']:
             print(f"{r['width']:>6}  μP tuned - SP: {'{:+.3f} [{:+.3f}, {:+.3f}]'.format(*r['mup_tuned_minus_sp'])}   "
                   f"SP + embedding lr - SP: {'{:+.3f} [{:+.3f}, {:+.3f}]'.format(*r['sp_embed_minus_sp'])}")
@@ -285,6 +290,8 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
+    if not set(search_seeds) <= set(seeds):
+        raise UserError(f"search_seeds={search_seeds} must be among seeds={seeds}: the arms are measured at every seed")
     if study not in _STUDIES:
         raise UserError(f"study={study!r}: choose one of {', '.join(_STUDIES)} (one study per run)")
     if study == 'joint' and (joint_width % n_head or base_width % n_head):
@@ -299,11 +306,12 @@ if __name__ == '__main__':
     results_dir, assets_dir = os.path.join(out_dir, 'results'), os.path.join(out_dir, 'assets')
     for d in (results_dir, assets_dir):
         os.makedirs(d, exist_ok=True)
-    runner = Runner(os.path.join(results_dir, f'{out}.json'), dict(setup, device=device), seeds, jobs, threads, reuse)
+    runner = Runner(os.path.join(results_dir, f'{out}.json'), dict(setup, device=device), search_seeds or seeds,
+                    jobs, threads, reuse)
     print(runner.describe())
     with runner:
         if study == 'tune':
-            summary = study_tune(runner, widths, base_width, horizons, muon_lr_mult_start)
+            summary = study_tune(runner, widths, base_width, horizons, muon_lr_mult_start, seeds)
         elif study == 'joint':
             rows = study_joint(runner, base_width, n_layer, horizons, joint_width, joint_depth,
                                muon_lr_mult_start)

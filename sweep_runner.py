@@ -235,9 +235,10 @@ class Runner:
         """The mean val loss over seeds of each setting (see `setting`)."""
         return [sum(losses) / len(losses) for losses in self.per_seed(settings)]
 
-    def per_seed(self, settings):
-        """The val loss of each setting at each seed, [[loss per seed] per setting]; a diverged
-        run is inf."""
-        records = self.run_all([dict(s, seed=seed) for s in settings for seed in self.seeds])
-        n = len(self.seeds)
+    def per_seed(self, settings, seeds=None):
+        """The val loss of each setting at each seed of `seeds` (the runner's by default),
+        [[loss per seed] per setting]; a diverged run is inf."""
+        seeds = self.seeds if seeds is None else seeds
+        records = self.run_all([dict(s, seed=seed) for s in settings for seed in seeds])
+        n = len(seeds)
         return [[val(r) for r in records[i * n:(i + 1) * n]] for i in range(len(settings))]

@@ -117,6 +117,37 @@ def test_tune_walks_each_hyperparameter_to_its_optimum():
     assert [name for name, _, _ in trace] == ['log2_lr', *NEUTRAL, 'muon_lr_mult', 'log2_lr']
 
 
+class SeededBowl(Bowl):
+    """A Bowl whose runs also depend on their seed (seed s adds 0.001 s), and which records the
+    seeds each call asked for."""
+
+    def __init__(self, optimum, seeds):
+        super().__init__(optimum)
+        self.seeds, self.asked = seeds, []
+
+    def per_seed(self, settings, seeds=None):
+        seeds = self.seeds if seeds is None else seeds
+        self.asked.append(tuple(seeds))
+        return [[loss + 0.001 * s for s in seeds] for loss in Bowl.evaluate(self, settings)]
+
+    def evaluate(self, settings):
+        return [sum(losses) / len(losses) for losses in self.per_seed(settings)]
+
+
+def test_tune_searches_over_search_seeds_and_measures_each_arm_at_every_seed(tmp_path, monkeypatch):
+    optimum = dict(log2_lr=-7, mup_output_mult=2.0, mup_attn_mult=1.0, mup_input_mult=1.0, init_std=0.02)
+    runner = SeededBowl(optimum, seeds=[0])
+    (summary,) = mup_payoff.study_tune(runner, [64, 128], 64, [150], None, seeds=[0, 1, 2])
+    assert set(runner.asked) == {(0,), (0, 1, 2)} # the searches over seed 0 alone
+    assert summary['search_seeds'] == [0] and summary['seeds'] == [0, 1, 2]
+    assert summary['tuned'] == dict(optimum, log2_lr=-7)
+    for row in summary['rows']:
+        assert {arm: len(losses) for arm, losses in row['per_seed'].items()} == dict(sp=3, sp_embed=3, mup_tuned=3)
+        assert row['per_seed']['mup_tuned'] == pytest.approx([row['mup_tuned'] + 0.001 * s for s in (0, 1, 2)])
+    message = stops_with('mup_payoff.py', '--seeds=1,2', '--search_seeds=3', cwd=tmp_path, monkeypatch=monkeypatch)
+    assert 'must be among seeds' in message and not (tmp_path / 'out-studies').exists()
+
+
 # ---- the batch and length axes: the optimum as a continuous value, with intervals over seeds
 
 HALF_STEPS = [-9.0, -8.5, -8.0, -7.5, -7.0, -6.5, -6.0, -5.5]
