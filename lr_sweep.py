@@ -4,13 +4,14 @@ The final val loss over a x2 lr grid at several widths, SP and muP, as in the mu
 with --depths, across depths at the base width instead, for three depth scalings (none,
 depth-muP, CompleteP). The setup is docs/mup-study.md's reference (sweep_runner.REFERENCE), 150
 steps. With --batch_sizes (at fixed tokens) or --lengths (steps at a fixed batch), along the
-batch or the length instead, muP at one width, the lr or (--tune=weight_decay) the weight decay,
-with the policy of transfer.py on or off (--policy). Every sweep reports the optimum as a
-continuous value (a parabola through the grid's best points: use half steps), its 90% bootstrap
-interval over --seeds, the slope against log2 of the axis (the exponent) and the loss given up by
-reusing the first value's optimum. Writes <out_dir>/assets/<out>.png and <out>_fit.png, records
-every run in <out_dir>/results/<out>.json and the fit in <out>_fit.json (out_dir: a new directory
-unless --out_dir=. updates the repository's committed files).
+batch or the length instead, muP at one width, the lr, (--tune=weight_decay) the weight decay or
+(--tune=beta2) Adam's beta2, with the policy of transfer.py on or off (--policy). Every sweep
+reports the optimum as a continuous value (a parabola through the grid's best points: use half
+steps), its 90% bootstrap interval over --seeds, the slope against log2 of the axis (the
+exponent) and the loss given up by reusing the first value's optimum. Writes
+<out_dir>/assets/<out>.png and <out>_fit.png, records every run in <out_dir>/results/<out>.json
+and the fit in <out>_fit.json (out_dir: a new directory unless --out_dir=. updates the
+repository's committed files).
 
 $ python lr_sweep.py                                    # the default grid: 56 runs, 19 min on 2 cores
 $ python lr_sweep.py --widths=64,128,256,512,1024 --log2_lrs=-13,-12,-11,-10,-9,-8,-7,-6 --device=cuda --jobs=8
@@ -20,6 +21,7 @@ $ python lr_sweep.py --optimizer=muon --muon_lr_mult=4 --out=lr_transfer_muon   
 $ python lr_sweep.py --reuse=True                       # take the recorded runs, measure only what is missing
 $ python lr_sweep.py --batch_sizes=4,16,64 --tokens=614400 --log2_lrs=-9.5,-9,-8.5,-8,-7.5,-7,-6.5 --seeds=1337,1338,1339
 $ python lr_sweep.py --lengths=600,2400 --tune=weight_decay --log2_lr=-7.5 --seeds=1337,1338,1339
+$ python lr_sweep.py --batch_sizes=4,16,64 --tune=beta2 --log2_lr=-8.6 --policy=True --critical_batch_tokens=1024 --seeds=1337,1338,1339
 
 Run it from the repository root: data/ and out_dir are relative to the working directory, as
 train.py's data/ is. Whether muP pays off against SP tuned at every width is mup_payoff.py's question.
@@ -45,10 +47,11 @@ lengths = []
 width = 128 # the batch and length sweeps' width (muP relative to base_width)
 tokens = 614400 # the batch sweep's training tokens: max_iters = tokens / (batch_size x block_size)
 policy = False # batch and length sweeps: each run derives its values from the proxy's (transfer.py)
-tune = 'lr' # what the grid sets in the batch and length sweeps: 'lr', or 'weight_decay' at 2**log2_lr
+tune = 'lr' # what the grid sets in the batch and length sweeps: 'lr', or 'weight_decay' or 'beta2' at 2**log2_lr
 log2_lrs = [-12.0, -11.0, -10.0, -9.0, -8.0, -7.0, -6.0] # the grid: learning_rate = 2**k (half steps welcome)
 log2_wds = [-6.0, -5.0, -4.0, -3.0, -2.0, -1.0] # tune='weight_decay': its grid, weight_decay = 2**k
-log2_lr = -7.0 # tune='weight_decay': the lr
+log2_one_minus_beta2s = [-9.0, -8.0, -7.0, -6.0, -5.0, -4.0] # tune='beta2': its grid, beta2 = 1 - 2**k
+log2_lr = -7.0 # tune='weight_decay' or 'beta2': the lr
 seeds = [1337] # several: the best lr is the one with the lowest mean val loss over seeds
 max_iters = 150
 globals().update(REFERENCE) # the settings the runs share, from dataset to muon_momentum (--help lists them)
@@ -153,7 +156,7 @@ def transfer_verdict(variant, span, axis):
 def axis_grid(axis, values, log2s, width, batch_size, sequence_tokens, tokens, tune, log2_lr, policy):
     """{(value, log2): setting}: muP at `width` for every value of the axis ('batch_size' at
     `tokens` tokens in all, or 'max_iters' at batch_size) and every grid point (the lr, or the
-    weight decay at 2**log2_lr). sequence_tokens: the tokens a sequence adds to a step
+    weight decay or 1 - beta2 at 2**log2_lr). sequence_tokens: the tokens a sequence adds to a step
     (block_size x gradient_accumulation_steps). With `policy`, every run is told the proxy's (the
     first value's) tokens per step and in all, and derives its values from the grid's
     (transfer.py): the grid is in the proxy's units. The proxy's own runs are left without the
@@ -173,8 +176,10 @@ def axis_grid(axis, values, log2s, width, batch_size, sequence_tokens, tokens, t
         for k in log2s:
             if tune == 'lr':
                 grid[value, k] = setting('mup', width, k, steps, **changes)
-            else:
+            elif tune == 'weight_decay':
                 grid[value, k] = setting('mup', width, log2_lr, steps, weight_decay=2.0 ** k, **changes)
+            else:
+                grid[value, k] = setting('mup', width, log2_lr, steps, beta2=1 - 2.0 ** k, **changes)
     return grid
 
 
@@ -241,8 +246,12 @@ def axis_study(values, log2s, per_seed, interval=90, resamples=1000):
                 interval_percent=interval, log2s=list(log2s))
 
 
+# what the grid of each `tune` sets, as its optimum is reported
+UNITS = {'lr': 'log2 lr', 'weight_decay': 'log2 weight decay', 'beta2': 'log2(1 - beta2)'}
+
+
 def report_axis(study, axis, tune, policy):
-    unit = 'log2 lr' if tune == 'lr' else 'log2 weight decay'
+    unit = UNITS[tune]
     print(f"\nthe best {unit} along {axis}{' (in the proxy units, the policy on)' if policy else ''}, "
           f"{study['interval_percent']}% bootstrap intervals over seeds:")
     timescale = f" {'1/(lr wd)':>10}" if 'timescale_fraction' in study['rows'][0] else '' # of the run's steps
@@ -278,8 +287,7 @@ def plot_axis(studies, axis, tune, title, path):
         line = left.errorbar(values, [r['optimum'] for r in rows], yerr=errors, marker='o', capsize=4, label=label)
         left.axhline(rows[0]['optimum'], color=line[0].get_color(), ls=':')
         right.plot(values, [r['given_up'] for r in rows], marker='o', label=label)
-    left.set(xscale='log', xlabel=axis, ylabel=f"best log2 {'lr' if tune == 'lr' else 'weight decay'} "
-                                               f"(dotted: the first value's, transferred)")
+    left.set(xscale='log', xlabel=axis, ylabel=f"best {UNITS[tune]} (dotted: the first value's, transferred)")
     left.legend(fontsize=8)
     right.set(xscale='log', xlabel=axis, ylabel='val loss given up by transferring')
     for ax in (left, right):
@@ -300,12 +308,14 @@ if __name__ == '__main__':
     log2_lrs, log2_wds = sorted(log2_lrs), sorted(log2_wds)
     if sum(map(bool, (depths, batch_sizes, lengths))) > 1:
         raise UserError("set one of depths, batch_sizes and lengths: a sweep goes along one axis")
-    if tune not in ('lr', 'weight_decay'):
-        raise UserError(f"tune={tune!r}: use 'lr' or 'weight_decay'")
+    if tune not in UNITS:
+        raise UserError(f"tune={tune!r}: use one of {', '.join(UNITS)}")
     if batch_sizes or lengths:
         axis = 'batch_size' if batch_sizes else 'max_iters'
         values = batch_sizes or lengths
-        log2s = log2_lrs if tune == 'lr' else log2_wds
+        log2s = dict(lr=log2_lrs, weight_decay=log2_wds, beta2=log2_one_minus_beta2s)[tune]
+        if tune == 'beta2' and max(log2s) >= 0:
+            raise UserError(f"log2_one_minus_beta2s={log2s}: each must be below 0 (beta2 = 1 - 2**k in [0, 1))")
         if len(values) < 2 or sorted(values) != list(values):
             raise UserError(f"{axis} values {values}: give at least two, ascending (the first is the proxy's)")
         if width % n_head:

@@ -204,6 +204,16 @@ def test_a_batch_sweep_at_fixed_tokens_fits_each_batch_and_applies_the_policy(tm
     assert len(records) == 12
 
 
+def test_a_beta2_grid_sets_one_minus_beta2_and_the_policy_carries_it():
+    grid = lr_sweep.axis_grid('batch_size', [4, 16], [-8.0, -5.0], width=32, batch_size=4, sequence_tokens=16,
+                              tokens=1024, tune='beta2', log2_lr=-7.0, policy=True)
+    assert {k: (s['beta2'], s['log2_lr'], s['batch_size'], s['max_iters']) for k, s in grid.items()} == {
+        (4, -8.0): (1 - 2 ** -8, -7.0, 4, 16), (4, -5.0): (1 - 2 ** -5, -7.0, 4, 16),
+        (16, -8.0): (1 - 2 ** -8, -7.0, 16, 4), (16, -5.0): (1 - 2 ** -5, -7.0, 16, 4)}
+    assert grid[16, -8.0]['base_batch_tokens'] == 64 and 'base_batch_tokens' not in grid[4, -8.0] # the proxy's own
+    assert run_key(run('mup', beta2=1 - 2 ** -8)) != run_key(run('mup', beta2=1 - 2 ** -5))
+
+
 def test_a_weight_decay_sweep_along_the_length_reports_the_adamw_timescale(tmp_path, workdir):
     (tmp_path / 'data').symlink_to(workdir / 'data')
     out = ok(run_script('lr_sweep.py', '--dataset=tiny', '--lengths=4,8', '--tune=weight_decay', '--log2_lr=-7',
