@@ -73,14 +73,14 @@ def test_sweep_measures_every_run_again_unless_told_to_reuse(tmp_path, workdir):
 
 
 def test_committed_results_are_reproduced_from_their_records(tmp_path):
-    """Every run of the default sweep and of the 150-step tune study is found in the committed
-    records (no data here: a missing run would fail), and the study's summary comes out as
-    committed."""
+    """Every run of the default sweep and of the 150-step tune study over three seeds is found in
+    the committed records (no data here: a missing run would fail), and the study's summary comes
+    out as committed."""
     (tmp_path / 'results').mkdir()
     shutil.copy(f'{ROOT}/results/lr_transfer.json', tmp_path / 'results')
     assert counts(ok(run_script('lr_sweep.py', '--reuse=True', '--out_dir=.', cwd=tmp_path))) == (0, 56)
-    stdout = ok(run_script('mup_payoff.py', '--study=tune', '--horizons=150', '--reuse=True', '--out_dir=.',
-                           cwd=tmp_path))
+    stdout = ok(run_script('mup_payoff.py', '--study=tune', '--horizons=150', '--seeds=1337,1338,1339', '--reuse=True',
+                           '--out_dir=.', cwd=tmp_path))
     assert counts(stdout)[0] == 0
     tuned = json.loads((tmp_path / 'results' / 'lr_transfer_tuned.json').read_text())
     with open(f'{ROOT}/results/lr_transfer_tuned.json') as f:
