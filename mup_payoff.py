@@ -290,6 +290,8 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
+    if search_seeds and study != 'tune':
+        raise UserError(f"search_seeds is the tune study's: study={study!r} averages every run over seeds={seeds}")
     if not set(search_seeds) <= set(seeds):
         raise UserError(f"search_seeds={search_seeds} must be among seeds={seeds}: the arms are measured at every seed")
     if study not in _STUDIES:

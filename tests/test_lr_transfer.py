@@ -146,6 +146,8 @@ def test_tune_searches_over_search_seeds_and_measures_each_arm_at_every_seed(tmp
         assert row['per_seed']['mup_tuned'] == pytest.approx([row['mup_tuned'] + 0.001 * s for s in (0, 1, 2)])
     message = stops_with('mup_payoff.py', '--seeds=1,2', '--search_seeds=3', cwd=tmp_path, monkeypatch=monkeypatch)
     assert 'must be among seeds' in message and not (tmp_path / 'out-studies').exists()
+    message = stops_with('mup_payoff.py', '--study=joint', '--search_seeds=1337', cwd=tmp_path, monkeypatch=monkeypatch)
+    assert "search_seeds is the tune study's" in message
 
 
 # ---- the batch and length axes: the optimum as a continuous value, with intervals over seeds
