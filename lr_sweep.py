@@ -305,7 +305,7 @@ if __name__ == '__main__':
     config = configure(globals(), sys.argv[1:], documented_in=[sweep_runner.__file__])
     setup = {k: config[k] for k in REFERENCE}
     base_width, n_layer, n_head = setup['base_width'], setup['n_layer'], setup['n_head']
-    log2_lrs, log2_wds = sorted(log2_lrs), sorted(log2_wds)
+    log2_lrs, log2_wds, log2_one_minus_beta2s = map(sorted, (log2_lrs, log2_wds, log2_one_minus_beta2s))
     if sum(map(bool, (depths, batch_sizes, lengths))) > 1:
         raise UserError("set one of depths, batch_sizes and lengths: a sweep goes along one axis")
     if tune not in UNITS:
@@ -324,7 +324,7 @@ if __name__ == '__main__':
         if batch_sizes and any(tokens % (b * sequence_tokens) for b in batch_sizes):
             raise UserError(f"tokens={tokens} must be a whole number of steps at every batch size: a multiple of "
                             f"batch_size x {sequence_tokens} for each of {batch_sizes}")
-        grid = axis_grid(axis, values, sorted(log2s), width, setup['batch_size'], sequence_tokens, tokens, tune,
+        grid = axis_grid(axis, values, log2s, width, setup['batch_size'], sequence_tokens, tokens, tune,
                          log2_lr, policy)
         for d in ('results', 'assets'):
             os.makedirs(os.path.join(out_dir, d), exist_ok=True)
@@ -337,7 +337,7 @@ if __name__ == '__main__':
         per_seed = {}
         for (value, _), seed_losses in zip(grid, losses):
             per_seed.setdefault(value, []).append(seed_losses)
-        study = axis_study(values, sorted(log2s), per_seed)
+        study = axis_study(values, log2s, per_seed)
         if tune == 'weight_decay' and not policy:
             for row in study['rows']: # AdamW's timescale 1 / (lr x wd) in iterations, as a fraction of the run
                 iterations = grid[row['value'], log2s[0]]['max_iters']

@@ -35,6 +35,7 @@ out_dir = 'out-studies' # where results/ and assets/ go: --out_dir=. updates the
 out = 'moe_main_job'
 # -----------------------------------------------------------------------------
 
+_TRAIN_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py') # run from any directory
 _EVAL = re.compile(r'^step (\d+): train loss (\S+), val loss (\S+)$')
 _ROUTING = re.compile(r"^step (\d+): router entropy ([\d. ]+), busiest expert's load / mean ([\d. ]+)$")
 _PARAMS = re.compile(r'^number of parameters: (\S+)M(?: \((\S+)M active per token\))?$')
@@ -46,8 +47,7 @@ def run(args, threads):
     'active' (per token): millions}. The seconds exclude nothing: startup, evals and checkpoints are in both arms."""
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'PYTHONUNBUFFERED': '1'}
     start = time.time()
-    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
-    proc = subprocess.Popen([sys.executable, train_py, *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, _TRAIN_PY, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     record, lines = dict(evals=[], routing=[], params=None, active=None), []
     for line in proc.stdout:
